@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="albef",
+    version="0.1.0",
+    description="ALBEF-style vision-language pretraining: faithful, fast, resumable",
+    packages=find_packages(include=["albef", "albef.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0",
+        "transformers>=4.40",
+        "safetensors",
+        "webdataset",
+        "tensorboard",
+        "pillow",
+        "PyYAML",
+        "numpy",
+    ],
+    entry_points={
+        "console_scripts": [
+            "albef-pretrain=albef.pretrain:main",
+            "albef-demo=albef.demo:main",
+            "albef-retrieval=albef.tasks.retrieval:main",
+        ]
+    },
+)
