@@ -1,0 +1,473 @@
+"""Typed configuration: dataclass schema, YAML loading with `base:` inheritance and
+`key.sub=value` overrides, strict validation with one-line `ConfigError` messages.
+
+Defaults reproduce ALBEF 4M pretraining (see configs/pretrain.yaml for the knobs explained).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "check_paths"]
+
+
+class ConfigError(ValueError):
+    """A user error in a config file, override or dict; str() is a single line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class VisionConfig:
+    arch: str = "deit_base_patch16_224"
+    image_size: int = 256
+    pretrained: bool = False
+    checkpoint: str | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float | None = None
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TextConfig:
+    bert: str = "bert-base-uncased"
+    pretrained: bool = True
+    tokenizer: str | None = None
+    fusion_layer: int = 6
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    grad_checkpointing: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 256
+    temp: float = 0.07
+    momentum: float = 0.995
+    queue_size: int = 65536
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class LossWeights:
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    itc: Literal["ce", "kl"] = "ce"
+    weights: LossWeights = field(default_factory=LossWeights)
+    alpha: float = 0.4
+    alpha_warmup: bool = True
+    mlm_probability: float = 0.15
+    itc_gather_batch: bool = False
+    itm_negatives: Literal["local", "global"] = "local"
+
+
+@dataclass
+class DataConfig:
+    format: Literal["json", "wds"] = "json"
+    train_files: list[str] = field(default_factory=lambda: [
+        "data/coco.json", "data/vg.json", "data/cc3m_train.json", "data/cc3m_val.json",
+        "data/sbu.json"])
+    image_root: str = ""
+    shards: str | None = None
+    num_samples: int | None = None
+    max_words: int = 30
+    max_tokens: int = 25
+    num_workers: int = 4
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    randaugment: bool = True
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    epochs: int = 30
+    grad_accum: int = 1
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    clip_grad: float | None = None
+    max_steps: int | None = None
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    max_nonfinite: int = 10
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.02
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_lr: float = 1e-5
+    warmup_steps: int = 2000
+    min_lr: float = 1e-5
+
+
+@dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)
+    image_root: str = ""
+    batch_size: int = 64
+    k_test: int = 256
+    num_workers: int = 4
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/pretrain"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML / checkpoint friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Config:
+        """Build and validate a Config from plain data (e.g. a checkpoint's stored config)."""
+        return _build_config(data, _Origins(source))
+
+
+# ----------------------------------------------------------------------------- validation
+
+class _Origins:
+    """Remembers which file or override set each dotted key, to name it in errors."""
+
+    def __init__(self, default: str):
+        self.default, self.where = default, {}
+
+    def mark(self, key: str, value: Any, source: str) -> None:
+        self.where[key] = source
+        if isinstance(value, dict):
+            for k, v in value.items():
+                self.mark(f"{key}.{k}", v, source)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        path = re.sub(r"\[\d+\]", "", key)
+        while path and path not in self.where:
+            path = path.rpartition(".")[0]
+        return ConfigError(f"{self.where.get(path, self.default)}: {key}: {message}")
+
+
+def _show(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "") if get_origin(tp) else tp.__name__
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(tp: Any, value: Any, key: str, origins: _Origins) -> Any:
+    """Check `value` against the annotation `tp`; returns the (lightly converted) value."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, origins)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, key, origins)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise origins.error(key, f"expected one of {allowed} (got {_show(value)})")
+        return value
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_coerce(args[0], v, f"{key}[{i}]", origins) for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return copy.deepcopy(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise origins.error(key, f"expected a finite number (got {_show(value)})")
+            return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    raise origins.error(key, f"expected {_type_name(tp)} (got {_show(value)})")
+
+
+def _nearest(key: str, prefix: str, cls: type) -> str:
+    """' (did you mean ...?)' hint for an unknown key, searching its section, then anywhere."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    elsewhere = [p for p in _all_keys(Config) if p.rpartition(".")[2] == key]
+    if elsewhere:
+        return f" (did you mean '{elsewhere[0]}'?)"
+    return f" (valid keys: {', '.join(names)})"
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{name}.")
+    return keys
+
+
+def _build(cls: type, data: Any, key: str, origins: _Origins) -> Any:
+    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and bad types."""
+    if not isinstance(data, dict):
+        raise origins.error(key or "<top level>", f"expected a mapping (got {_show(data)})")
+    prefix = f"{key}." if key else ""
+    hints = get_type_hints(cls)
+    for name in data:
+        if name not in hints:
+            hint = _nearest(str(name), prefix, cls)
+            raise origins.error(f"{prefix}{name}", f"unknown key{hint}")
+    return cls(**{n: _coerce(hints[n], v, prefix + n, origins) for n, v in data.items()})
+
+
+# Allowed ranges, "[" / "]" inclusive, "(" / ")" exclusive; null optionals are not checked and
+# lists are checked element-wise.
+_RANGES = {
+    "seed": "[0, inf)", "model.embed_dim": "[1, inf)", "model.temp": "[0.001, 0.5]",
+    "model.momentum": "[0, 1]", "model.queue_size": "[1, inf)",
+    "model.vision.image_size": "[1, inf)", "model.vision.embed_dim": "[1, inf)",
+    "model.vision.depth": "[1, inf)", "model.vision.num_heads": "[1, inf)",
+    "model.vision.patch_size": "[1, inf)", "model.vision.mlp_ratio": "(0, inf)",
+    "model.vision.drop_path_rate": "[0, 1)", "model.text.fusion_layer": "[0, inf)",
+    "loss.weights.itc": "[0, inf)", "loss.weights.itm": "[0, inf)", "loss.weights.mlm": "[0, inf)",
+    "loss.alpha": "[0, 1]", "loss.mlm_probability": "(0, 1)",
+    "data.num_samples": "[1, inf)", "data.max_words": "[1, inf)", "data.max_tokens": "[3, inf)",
+    "data.num_workers": "[0, inf)", "data.std": "(0, inf)", "data.crop_scale": "(0, 1]",
+    "data.max_bad_fraction": "[0, 1]",
+    "train.batch_size": "[1, inf)", "train.epochs": "[1, inf)", "train.grad_accum": "[1, inf)",
+    "train.clip_grad": "(0, inf)", "train.max_steps": "[1, inf)", "train.log_every": "[1, inf)",
+    "train.ckpt_every": "[1, inf)", "train.keep_last": "[1, inf)",
+    "train.max_nonfinite": "[1, inf)",
+    "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
+    "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
+    "eval.batch_size": "[1, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
+}
+
+
+def _range_error(value: Any, interval: str) -> str | None:
+    """Requirement text when `value` (a number or list of numbers) is outside `interval`."""
+    left, lo, hi, right = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", interval).groups()
+    lo, hi = float(lo), float(hi)
+    for x in value if isinstance(value, list) else [value]:
+        if x is not None and not ((x >= lo if left == "[" else x > lo)
+                                  and (x <= hi if right == "]" else x < hi)):
+            bound = f"must be {'>=' if left == '[' else '>'} {lo:g}" if hi == math.inf else \
+                f"must be in {interval}"
+            return bound if x is value else f"values {bound}"
+    return None
+
+
+def _relations(c: Config) -> list[tuple[str, bool, str]]:
+    """(key, ok, requirement) for the constraints between values."""
+    v, t, d = c.model.vision, c.model.text, c.data
+    layers = t.config_overrides.get("num_hidden_layers")
+    return [
+        ("output_dir", bool(c.output_dir), "must not be empty"),
+        ("model.vision.patch_size", not v.patch_size or v.image_size % v.patch_size == 0,
+         f"must divide model.vision.image_size ({v.image_size})"),
+        ("model.vision.num_heads", not (v.embed_dim and v.num_heads)
+         or v.embed_dim % v.num_heads == 0, f"must divide model.vision.embed_dim ({v.embed_dim})"),
+        ("model.text.fusion_layer", not isinstance(layers, int) or t.fusion_layer <= layers,
+         f"must be <= model.text.config_overrides.num_hidden_layers ({layers})"),
+        ("loss.weights", max(dataclasses.astuple(c.loss.weights)) > 0,
+         "at least one must be > 0"),
+        ("data.train_files", d.format != "json" or bool(d.train_files),
+         "must list at least one annotation file when data.format is 'json'"),
+        ("data.shards", d.format != "wds" or bool(d.shards),
+         "must be a shard url pattern when data.format is 'wds'"),
+        ("data.mean", len(d.mean) == 3, "must have 3 values (R, G, B)"),
+        ("data.std", len(d.std) == 3, "must have 3 values (R, G, B)"),
+        ("data.crop_scale", len(d.crop_scale) == 2 and d.crop_scale[0] <= d.crop_scale[-1],
+         "must be [min, max] with min <= max"),
+        ("optim.betas", len(c.optim.betas) == 2, "must be [beta1, beta2]"),
+        ("optim.min_lr", c.optim.min_lr <= c.optim.lr, f"must be <= optim.lr ({c.optim.lr:g})"),
+    ]
+
+
+def _build_config(data: Any, origins: _Origins) -> Config:
+    cfg = _build(Config, data, "", origins)
+    problems = [(k, _range_error(_lookup(cfg, k), r)) for k, r in _RANGES.items()]
+    problems += [(k, None if ok else req) for k, ok, req in _relations(cfg)]
+    for key, requirement in problems:
+        if requirement:
+            raise origins.error(key, f"{requirement} (got {_show(_lookup(cfg, key))})")
+    cfg._origins = origins  # lets check_paths name the file that set a missing path
+    return cfg
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_yaml(path: str, included_by: str | None) -> dict[str, Any]:
+    where = f"{included_by}: base" if included_by else path
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: config file not found: '{path}'")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (got {_show(data)})")
+    return data
+
+
+def _merge(dst: dict, src: dict, origins: _Origins, source: str, prefix: str = "") -> None:
+    """Recursive merge: mappings merge key by key, everything else is replaced."""
+    for k, v in src.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            origins.where[key] = source
+            _merge(dst[k], v, origins, source, key + ".")
+        else:
+            dst[k] = copy.deepcopy(v)
+            origins.mark(key, v, source)
+
+
+def _file_chain(path: str) -> list[tuple[str, dict]]:
+    """[(file, data)] from the root `base:` down to `path`."""
+    chain, seen, included_by = [], set(), None
+    while path is not None:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ConfigError(f"{included_by}: base: inheritance cycle through '{path}'")
+        seen.add(real)
+        data = _read_yaml(path, included_by)
+        base = data.pop("base", None)
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"{path}: base: expected a file path (got {_show(base)})")
+        chain.append((path, data))
+        included_by, path = path, os.path.join(os.path.dirname(path), base) if base else None
+    return chain[::-1]
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """'a.b=value' -> {'a': {'b': value}}, the value parsed as YAML."""
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+        raise ConfigError(f"override '{item}': expected key.sub=value, e.g. train.batch_size=8")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML: "
+                          f"{getattr(e, 'problem', None) or e}") from None
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load `path` (with its `base:` chain), apply `key.sub=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    origins = _Origins(path or "<defaults>")
+    for file, file_data in _file_chain(path) if path else []:
+        _merge(data, file_data, origins, file)
+    for item in overrides:
+        _merge(data, _parse_override(item), origins, f"override '{item}'")
+    return _build_config(data, origins)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the fully resolved config as YAML (loadable again with load_config)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- filesystem
+
+def _looks_like_path(name: str) -> bool:
+    """Local path rather than a hub id ('bert-base-uncased', 'org/name')?"""
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and os.path.isdir(name.split("/")[0])
+
+
+def check_paths(cfg: Config) -> None:
+    """Checks that need the environment: the files the config names exist (relative to the
+    working directory) and model.text.config_overrides are BertConfig fields."""
+    origins = getattr(cfg, "_origins", _Origins("<config>"))
+    cwd = os.getcwd()
+
+    def need(key: str, path: str, kind: str = "file") -> None:
+        exists = os.path.isdir(path) if kind == "directory" else os.path.exists(path)
+        if not exists:
+            raise origins.error(key, f"{kind} not found: '{path}' (relative to {cwd})")
+
+    if cfg.data.format == "json":
+        for i, file in enumerate(cfg.data.train_files):
+            need(f"data.train_files[{i}]", file)
+        if cfg.data.image_root:
+            need("data.image_root", cfg.data.image_root, "directory")
+    for i, file in enumerate(cfg.eval.files):
+        need(f"eval.files[{i}]", file)
+    if cfg.eval.files and cfg.eval.image_root:
+        need("eval.image_root", cfg.eval.image_root, "directory")
+    if cfg.model.vision.checkpoint:
+        need("model.vision.checkpoint", cfg.model.vision.checkpoint)
+    text = cfg.model.text
+    for key, name in (("model.text.bert", text.bert), ("model.text.tokenizer", text.tokenizer)):
+        if name and _looks_like_path(name):
+            need(key, os.path.expanduser(name), "directory")
+    fields = _bert_fields() if text.config_overrides else []
+    for name in text.config_overrides:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            key = f"model.text.config_overrides.{name}"
+            raise origins.error(key, f"not a BertConfig field{hint}")
+
+
+def _bert_fields() -> list[str]:
+    from transformers import BertConfig  # slow import: only when overrides are given
+
+    return list(BertConfig().to_dict())
