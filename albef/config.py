@@ -97,6 +97,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     randaugment: bool = True
+    hflip: bool = True  # random horizontal flip (off when captions say left/right)
     max_bad_fraction: float = 0.01
 
 
