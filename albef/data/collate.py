@@ -1,0 +1,52 @@
+"""Tokenising collate, run inside the DataLoader workers.
+
+Returns the batch of docs/DESIGN.md: ``images`` float [B,3,H,W]; ``input_ids`` and
+``attention_mask`` long [B,L] (padded to the longest caption, at most `max_tokens`); ``ids`` long
+[B] image ids; ``index`` long [B] dataset indices; ``skipped`` {reason: count} for the `BadSample`
+markers dropped from this batch. B may be smaller than the batch size, and 0 when every sample
+was bad (then ``images`` is empty and L is 0): the engine counts ``skipped`` and skips the step.
+"""
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from .datasets import BadSample
+
+logger = logging.getLogger(__name__)
+
+
+class Collator:
+    """Picklable ``collate_fn``: drop bad samples, tokenise captions, stack images."""
+
+    def __init__(self, tokenizer, max_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+
+    def __call__(self, samples: Sequence[dict | BadSample]) -> dict:
+        good = [s for s in samples if not isinstance(s, BadSample)]
+        bad = [s for s in samples if isinstance(s, BadSample)]
+        for sample in bad:
+            logger.warning("skipping sample %d (%s): %s", sample.index, sample.reason, sample.detail)
+        batch = {
+            "ids": torch.tensor([s["id"] for s in good], dtype=torch.long),
+            "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
+            "skipped": dict(Counter(s.reason for s in bad)),
+        }
+        if not good:
+            empty = torch.zeros(0, 0, dtype=torch.long)
+            return {"images": torch.zeros(0, 3, 0, 0), "input_ids": empty, "attention_mask": empty, **batch}
+        text = self.tokenizer(
+            [s["caption"] for s in good],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        )
+        return {
+            "images": torch.stack([s["image"] for s in good]),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            **batch,
+        }

@@ -1,0 +1,555 @@
+"""Caption datasets (ALBEF JSON files or WebDataset shards), bad-sample accounting, loaders.
+
+Samples are dicts ``{image: FloatTensor[3,H,W], caption: str, id: int, index: int}``. A sample
+that cannot be used is returned as a `BadSample(reason, index, detail)` marker instead of raising;
+the `Collator` (collate.py) drops markers and reports them per batch as ``batch["skipped"] =
+{reason: count}``. Reasons: ``missing`` (no such file), ``unreadable``, ``empty_file``,
+``truncated``, ``decode`` (not an image), ``empty_caption``, ``encoding`` (caption bytes not
+UTF-8), ``metadata`` (bad json in a shard), ``incomplete`` (shard sample without image or
+caption), ``truncated_shard`` (a shard cut short: the rest of that shard is skipped, counted once).
+
+Counts are produced in the data workers, so they travel with the batch; the engine folds them
+into a `SkipCounter` (``counter.update(batch)``), merges ranks with ``counter.all_reduce()``, logs
+``counter.report()`` and stops with ``counter.check(max_bad_fraction)`` (or the functional
+`check_bad_fraction`).
+
+Augmentation is deterministic per sample: the transform runs under a forked torch RNG seeded from
+(seed, epoch, index), so a resumed run sees the same pixels and the caller's global RNG is left
+untouched, in the main process as in workers. The epoch lives in shared memory (`SharedEpoch`) so
+persistent workers see `set_epoch`.
+
+Engine-facing API::
+
+    dataset = CaptionDataset(files, image_root, transform, max_words, seed)       # data.format=json
+    dataset = webdataset_pipeline(shards, transform, max_words, seed, num_samples) # data.format=wds
+    loader = build_train_loader(dataset, Collator(tokenizer, max_tokens), batch_size=...,
+                                num_workers=..., rank=..., world_size=..., seed=...)
+    set_epoch(loader, epoch, consumed)  # before iter(loader); consumed = global samples done
+    loader = build_eval_loader(dataset, collator, batch_size=..., num_workers=...)
+"""
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import random
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .captions import pre_caption
+from .sampler import ResumableDistributedSampler
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+class AnnotationError(ValueError):
+    """An annotation file is unreadable or not in ALBEF's format."""
+
+
+class BadDataError(RuntimeError):
+    """Too large a fraction of the data was skipped."""
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """Marker returned in place of a sample that cannot be used."""
+
+    reason: str
+    index: int
+    detail: str = ""
+
+
+class SampleError(Exception):
+    """Raised while reading one sample; turned into a `BadSample` by the dataset."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------- images
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; 16/32-bit grey is rescaled to 8 bits rather than clipped."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = pixels.max(initial=0.0)
+        if image.mode in _SIXTEEN_BIT_MODES or 255 < peak <= 65535:
+            pixels = pixels / 257.0
+        elif peak > 65535:
+            pixels = pixels * (255.0 / peak)
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _decode(fp: Any, name: str) -> Image.Image:
+    try:
+        with Image.open(fp) as image:
+            image.load()
+            return to_rgb(image)
+    except UnidentifiedImageError as exn:
+        raise SampleError("decode", f"{name}: not a readable image") from exn
+    except (OSError, EOFError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
+        reason = "truncated" if isinstance(exn, EOFError) or "truncat" in str(exn).lower() else "decode"
+        raise SampleError(reason, f"{name}: {exn}") from exn
+
+
+def read_image(path: str) -> Image.Image:
+    """Load an image file as RGB or raise `SampleError` (missing/unreadable/empty/truncated/decode)."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError as exn:
+        raise SampleError("missing", f"{path}: no such file") from exn
+    except OSError as exn:
+        raise SampleError("unreadable", f"{path}: {exn}") from exn
+    if size == 0:
+        raise SampleError("empty_file", f"{path}: zero bytes")
+    try:
+        with open(path, "rb") as fp:
+            return _decode(fp, path)
+    except PermissionError as exn:
+        raise SampleError("unreadable", f"{path}: {exn}") from exn
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode encoded image bytes as RGB or raise `SampleError`."""
+    if not data:
+        raise SampleError("empty_file", f"{name}: zero bytes")
+    return _decode(io.BytesIO(data), name)
+
+
+# ----------------------------------------------------------------------------- samples
+
+class SharedEpoch:
+    """An epoch number in shared memory, visible to (persistent) DataLoader workers."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = multiprocessing.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+    def get(self) -> int:
+        return self._value.value
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def make_sample(
+    image: Image.Image | SampleError,
+    raw_caption: str,
+    sample_id: int,
+    index: int,
+    transform: Callable,
+    max_words: int,
+    seed: int,
+    epoch: int,
+    name: str,
+) -> dict | BadSample:
+    """Clean the caption and transform the image under a per-sample seed (global RNG untouched).
+
+    An empty caption is reported first, then an image error, so both formats agree on the reason.
+    """
+    caption = pre_caption(raw_caption, max_words)
+    if not caption.strip():
+        return BadSample("empty_caption", index, f"{name}: caption {raw_caption!r} is empty after cleaning")
+    if isinstance(image, SampleError):
+        return BadSample(image.reason, index, image.detail)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(seed, epoch, index))
+        pixels = transform(image)
+    return {"image": pixels, "caption": caption, "id": sample_id, "index": index}
+
+
+# ----------------------------------------------------------------------------- JSON format
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fp:
+            return json.load(fp)
+    except FileNotFoundError as exn:
+        raise AnnotationError(f"{path}: annotation file not found (check data.train_files / eval.files)") from exn
+    except UnicodeDecodeError as exn:
+        raise AnnotationError(f"{path}: not UTF-8 text at byte {exn.start}; re-encode the file as UTF-8") from exn
+    except json.JSONDecodeError as exn:
+        raise AnnotationError(
+            f"{path}: invalid JSON at line {exn.lineno}, column {exn.colno}: {exn.msg}"
+        ) from exn
+
+
+def _check_entry(entry: Any, path: str, i: int) -> list[str]:
+    """Validate one ALBEF entry and return its captions."""
+    where = f"{path}: entry {i}"
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{where}: expected an object with 'image' and 'caption', got {type(entry).__name__}")
+    if not isinstance(entry.get("image"), str) or not entry["image"]:
+        raise AnnotationError(f"{where}: 'image' must be a non-empty path string")
+    captions = entry.get("caption")
+    captions = [captions] if isinstance(captions, str) else captions
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise AnnotationError(f"{where}: 'caption' must be a string or a non-empty list of strings")
+    image_id = entry.get("image_id")
+    if image_id is not None and (isinstance(image_id, bool) or not isinstance(image_id, (int, str))):
+        raise AnnotationError(f"{where}: 'image_id' must be an integer or a string")
+    return captions
+
+
+def load_annotations(files: str | Sequence[str]) -> list[dict]:
+    """Read ALBEF annotation files into one flat list of ``{image, caption, id}`` samples.
+
+    Each entry is ``{"image": path, "caption": str | [str, ...], "image_id"?: int | str}``; a
+    caption list gives one sample per caption, all sharing the image's id. Integer image_ids are
+    kept; string ids and entries without one (keyed by image path) get consecutive ints above the
+    largest integer id, in order of first appearance.
+    """
+    files = [files] if isinstance(files, str) else list(files)
+    entries = []
+    for path in files:
+        data = _read_json(path)
+        if not isinstance(data, list):
+            raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+        entries += [(entry, _check_entry(entry, path, i)) for i, entry in enumerate(data)]
+
+    given = [e["image_id"] for e, _ in entries if isinstance(e.get("image_id"), int)]
+    next_id = max(given, default=-1) + 1
+    mapped: dict[tuple[str, str], int] = {}
+    samples = []
+    for entry, captions in entries:
+        image_id = entry.get("image_id")
+        if not isinstance(image_id, int):
+            key = ("path", entry["image"]) if image_id is None else ("id", image_id)
+            image_id = mapped.setdefault(key, next_id + len(mapped))
+        samples += [{"image": entry["image"], "caption": caption, "id": image_id} for caption in captions]
+    return samples
+
+
+class CaptionDataset(Dataset):
+    """ALBEF JSON annotations over image files (data.format=json)."""
+
+    def __init__(
+        self,
+        files: str | Sequence[str],
+        image_root: str,
+        transform: Callable,
+        max_words: int = 30,
+        seed: int = 0,
+    ) -> None:
+        self.samples = load_annotations(files)
+        self.image_root = image_root
+        self.transform = transform
+        self.max_words = max_words
+        self.seed = seed
+        self.epoch = SharedEpoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict | BadSample:
+        ann = self.samples[index]
+        path = os.path.join(self.image_root, ann["image"])
+        try:
+            image = read_image(path)
+        except SampleError as exn:
+            image = exn
+        return make_sample(
+            image, ann["caption"], ann["id"], index, self.transform,
+            self.max_words, self.seed, self.epoch.get(), path,
+        )
+
+
+# ----------------------------------------------------------------------------- WebDataset format
+
+def stable_index(key: str, caption_number: int) -> int:
+    """The `index` of a shard sample: a 31-bit hash of its key and caption number."""
+    return zlib.crc32(f"{key}/{caption_number}".encode()) & 0x7FFFFFFF
+
+
+def _shard_meta(sample: Mapping[str, Any]) -> dict:
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(sample["json"])
+    except UnicodeDecodeError as exn:
+        raise SampleError("encoding", f"{sample['__key__']}.json is not UTF-8") from exn
+    except ValueError as exn:
+        raise SampleError("metadata", f"{sample['__key__']}.json: {exn}") from exn
+    if not isinstance(meta, dict):
+        raise SampleError("metadata", f"{sample['__key__']}.json is not an object")
+    return meta
+
+
+def _shard_captions(sample: Mapping[str, Any], meta: dict) -> list[str]:
+    key = sample["__key__"]
+    if "txt" in sample:
+        try:
+            return [sample["txt"].decode("utf-8")]
+        except UnicodeDecodeError as exn:
+            raise SampleError("encoding", f"{key}.txt is not UTF-8 ({exn.reason} at byte {exn.start})") from exn
+    captions = meta.get("caption")
+    captions = [captions] if isinstance(captions, str) else captions
+    if not captions:
+        raise SampleError("incomplete", f"{key}: no .txt and no 'caption' in .json")
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise SampleError("metadata", f"{key}.json: 'caption' must be a string or a list of strings")
+    return captions
+
+
+def _shard_id(sample: Mapping[str, Any], meta: dict) -> int:
+    """``image_id``/``id`` from the json, else ``cls``, else the key; strings are hashed."""
+    value = meta.get("image_id", meta.get("id"))
+    if value is None and "cls" in sample:
+        value = sample["cls"].decode("utf-8", "replace").strip()
+        value = int(value) if value.lstrip("-").isdigit() else value
+    if value is None:
+        value = sample["__key__"]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return zlib.crc32(str(value).encode()) & 0x7FFFFFFF
+
+
+def _read_shards(urls: Iterable[dict]) -> Iterator[dict | BadSample]:
+    """Samples of each shard; a shard that fails part-way ends with one ``truncated_shard``."""
+    for item in urls:
+        try:
+            yield from wds.tarfile_samples([dict(item)])
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
+            yield BadSample("truncated_shard", -1, f"{item['url']}: {exn}")
+
+
+class ShardStream(IterableDataset):
+    """Caption samples from WebDataset shards (data.format=wds); see `webdataset_pipeline`."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transform: Callable,
+        max_words: int = 30,
+        seed: int = 0,
+        num_samples: int | None = None,
+    ) -> None:
+        self.urls = list(urls)
+        self.transform = transform
+        self.max_words = max_words
+        self.seed = seed
+        self.num_samples = num_samples
+        self.epoch = SharedEpoch()
+        self._skip_batches = multiprocessing.Value("q", 0)
+        self._batch_size = multiprocessing.Value("q", 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+        self.set_start(0, 1)
+
+    def set_start(self, batches: int, batch_size: int) -> None:
+        """Resume after this rank drew `batches` batches (same world size and worker count)."""
+        self._skip_batches.value = batches
+        self._batch_size.value = batch_size
+
+    def _shard_order(self, epoch: int) -> Iterator[dict]:
+        """The epoch's shard order, shared by all ranks; endless when `num_samples` is set."""
+        for repeat in itertools.count() if self.num_samples else range(1):
+            order = list(self.urls)
+            random.Random(sample_seed(self.seed, epoch, repeat)).shuffle(order)
+            yield from (dict(url=url) for url in order)
+
+    def _expand(self, sample: dict, epoch: int) -> Iterator[dict | BadSample]:
+        key = sample["__key__"]
+        try:
+            meta = _shard_meta(sample)
+            captions = _shard_captions(sample, meta)
+            sample_id = _shard_id(sample, meta)
+        except SampleError as exn:
+            yield BadSample(exn.reason, stable_index(key, 0), exn.detail)
+            return
+        try:
+            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if data is None:
+                raise SampleError("incomplete", f"{key}: no image ({'/'.join(IMAGE_KEYS)})")
+            image = decode_image(data, key)
+        except SampleError as exn:
+            image = exn
+        for number, caption in enumerate(captions):
+            yield make_sample(
+                image, caption, sample_id, stable_index(key, number), self.transform,
+                self.max_words, self.seed, epoch, key,
+            )
+
+    def __iter__(self) -> Iterator[dict | BadSample]:
+        epoch = self.epoch.get()
+        _, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        urls = wds.split_by_worker(wds.split_by_node(self._shard_order(epoch)))
+        stream = (
+            out
+            for sample in _read_shards(urls)
+            for out in ([sample] if isinstance(sample, BadSample) else self._expand(sample, epoch))
+        )
+        batches = self._skip_batches.value
+        skip = (batches // num_workers + (worker < batches % num_workers)) * self._batch_size.value
+        stop = None
+        if self.num_samples:
+            stop = math.ceil(self.num_samples / (world_size * num_workers))
+        yield from itertools.islice(stream, skip, stop)
+
+
+def webdataset_pipeline(
+    shards: str | Sequence[str],
+    transform: Callable,
+    max_words: int = 30,
+    seed: int = 0,
+    num_samples: int | None = None,
+) -> ShardStream:
+    """A `ShardStream` over a brace pattern or list of shard urls.
+
+    Shards are permuted per epoch from (seed, epoch) identically on every rank, then split across
+    ranks (`wds.split_by_node`) and workers (`wds.split_by_worker`). With `num_samples` the shard
+    list repeats and each worker yields ``num_samples / (world_size * num_workers)`` samples, so
+    all ranks run the same number of steps; without it each worker makes one pass over its shards.
+    """
+    urls = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else list(shards)
+    if not urls:
+        raise FileNotFoundError(f"data.shards={shards!r} matches no shards")
+    for url in urls:
+        if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
+            raise FileNotFoundError(f"shard {url} not found (check data.shards)")
+    return ShardStream(urls, transform, max_words, seed, num_samples)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+def check_bad_fraction(counts: Mapping[str, int], seen: int, max_fraction: float) -> None:
+    """Raise `BadDataError` when more than `max_fraction` of the `seen` samples were skipped."""
+    skipped = sum(counts.values())
+    if seen and skipped / seen > max_fraction:
+        detail = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()) if n)
+        raise BadDataError(
+            f"{skipped} of {seen} samples ({skipped / seen:.2%}) were unusable ({detail}), above "
+            f"data.max_bad_fraction={max_fraction}; fix or remove the bad files, or raise the bound"
+        )
+
+
+@dataclass
+class SkipCounter:
+    """Skipped-sample counts per reason over `seen` samples (good + skipped)."""
+
+    counts: Counter = field(default_factory=Counter)
+    seen: int = 0
+
+    def update(self, batch: Mapping[str, Any]) -> None:
+        """Add one collated batch (its ``index`` and ``skipped`` entries)."""
+        skipped = batch["skipped"]
+        self.counts.update(skipped)
+        self.seen += len(batch["index"]) + sum(skipped.values())
+
+    def all_reduce(self) -> "SkipCounter":
+        """The totals over all ranks (a copy of this counter when not distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return SkipCounter(Counter(self.counts), self.seen)
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (dict(self.counts), self.seen))
+        total = SkipCounter()
+        for counts, seen in parts:
+            total.counts.update(counts)
+            total.seen += seen
+        return total
+
+    def check(self, max_fraction: float) -> None:
+        check_bad_fraction(self.counts, self.seen, max_fraction)
+
+    def report(self) -> str:
+        """One line for the logs, e.g. ``skipped 3/1000 samples (0.30%): missing=2 truncated=1``."""
+        skipped = sum(self.counts.values())
+        share = skipped / self.seen if self.seen else 0.0
+        detail = " ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()) if n)
+        return f"skipped {skipped}/{self.seen} samples ({share:.2%})" + (f": {detail}" if detail else "")
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "seen": self.seen}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.counts = Counter(state["counts"])
+        self.seen = int(state["seen"])
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def build_train_loader(
+    dataset: CaptionDataset | ShardStream,
+    collator: Callable,
+    *,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> DataLoader:
+    """Training DataLoader: resumable shuffled sampler (json) or sharded stream (wds), full batches."""
+    sampler = None
+    if not isinstance(dataset, IterableDataset):
+        sampler = ResumableDistributedSampler(len(dataset), world_size, rank, shuffle=True, seed=seed)
+    return _loader(dataset, collator, sampler, batch_size, num_workers, seed, drop_last=True)
+
+
+def build_eval_loader(
+    dataset: CaptionDataset,
+    collator: Callable,
+    *,
+    batch_size: int,
+    num_workers: int,
+) -> DataLoader:
+    """Evaluation DataLoader over the whole dataset in order, on every rank (as ALBEF)."""
+    return _loader(dataset, collator, None, batch_size, num_workers, 0, drop_last=False)
+
+
+def _loader(dataset, collator, sampler, batch_size, num_workers, seed, drop_last) -> DataLoader:
+    if num_workers > 0:  # the tokenizer runs in the workers; its own thread pool would fight them
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collator,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int, consumed: int = 0) -> None:
+    """Select `epoch` (augmentation seeds, shuffle) and skip `consumed` global samples of it.
+
+    Call before ``iter(loader)``. For json data `consumed` may come from a run on another world
+    size. For wds it is converted to this rank's batches and assumes the same world size and
+    number of workers as the run that consumed them.
+    """
+    dataset = loader.dataset
+    dataset.set_epoch(epoch)
+    if isinstance(loader.sampler, ResumableDistributedSampler):
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_start(consumed)
+    elif isinstance(dataset, ShardStream) and consumed:
+        world_size = wds.utils.pytorch_worker_info()[1]
+        dataset.set_start(consumed // (loader.batch_size * world_size), loader.batch_size)
