@@ -1,0 +1,474 @@
+"""Checkpoint files: safe loading, atomic saving with keep-last-K, resume lookup, and loading
+pretrained weights (our checkpoints, the released ALBEF .pth files, plain state dicts).
+
+Nothing here unpickles code: `.pt`/`.pth` files are read with `torch.load(weights_only=True)`,
+`.safetensors` files with safetensors. Training checkpoints must therefore hold only tensors,
+numbers, strings, lists, tuples and dicts (store e.g. numpy RNG state as a tensor or list).
+
+Layout written by the engine: `ckpt_dir/step_XXXXXXXX.pt`, each written to a temp name in the
+same directory, fsynced and renamed, then the pointer file `ckpt_dir/latest` (the name of the
+newest step file) is replaced last. A crash at any point leaves the previous checkpoint and
+pointer intact.
+"""
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import os
+import pickle
+import re
+import socket
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from timm.layers import resample_abs_pos_embed
+
+__all__ = [
+    "CheckpointError", "LoadReport", "load_checkpoint_file", "save_checkpoint", "find_latest",
+    "checkpoint_dir", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
+    "save_pretrained",
+]
+
+LATEST = "latest"
+_STEP_RE = re.compile(r"step_(\d+)\.pt")
+_TMP_RE = re.compile(r"\.(?:step_\d+\.pt|latest)\.(?P<host>.+)\.(?P<pid>\d+)\.tmp")
+
+# ALBEF retrieval/VQA checkpoints hold the text encoder as a BertModel (no `.bert.`, no MLM head).
+_BERT_MODEL_RE = re.compile(r"^(text_encoder(?:_m)?)\.(embeddings|encoder)\.")
+# Keys a checkpoint may carry that hold no information of their own: {alias suffix: source suffix}.
+_TIED_ALIASES = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+_POSITION_IDS = "embeddings.position_ids"  # HF BERT buffer, recomputable
+_QUEUES = ("image_queue", "text_queue", "idx_queue")
+_QUEUE_STATE = (*_QUEUES, "queue_ptr")
+_MAX_LINES = 20  # shape mismatches listed in an error
+_SHAPE_FIX = "check model.embed_dim / model.vision / model.text sizes in the config"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, written or matched to the model; names the file."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                         ) -> dict[str, Any]:
+    """Read a `.safetensors` or torch file without executing any code stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            obj = load_file(path, device=str(map_location))
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused to load: it contains code or objects that are not plain tensors "
+            "(numbers, strings, lists, dicts), which will not be executed; re-save the weights "
+            "as a plain state dict or .safetensors from a trusted source") from None
+    except Exception as err:  # torch/zip/safetensors report damage with many exception types
+        raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or "
+                              f"corrupt ({type(err).__name__}: {_first_line(err)})") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found a {type(obj).__name__}")
+    return obj
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write `path` through a temp file in the same directory: fsync, rename, fsync the dir.
+
+    On any OSError the temp file is removed, `path` keeps its previous content, and a
+    CheckpointError naming `path` is raised.
+    """
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        _remove(tmp)
+        raise CheckpointError(f"could not write {path}: {err.strerror or err}") from err
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where the filesystem cannot do it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        warnings.warn(f"could not remove {path}: {err.strerror or err}", stacklevel=3)
+
+
+def save_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike, step: int,
+                    keep_last: int) -> Path:
+    """Atomically write `ckpt_dir/step_{step:08d}.pt`, point `latest` at it, prune old ones.
+
+    Keeps the newest `keep_last` step files (and always the one `latest` names); removes temp
+    files that crashed writers on this host left behind. Raises CheckpointError (previous
+    checkpoint and pointer untouched) when the disk is full or the directory is not writable.
+    Call it on one rank only.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (got {keep_last})")
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"could not create {ckpt_dir}: {err.strerror or err}") from err
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    _atomic_write(path, lambda f: torch.save(state, f))
+    _atomic_write(ckpt_dir / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
+    _prune(ckpt_dir, keep_last)
+    return path
+
+
+def _step_files(ckpt_dir: Path) -> list[Path]:
+    """Renamed (hence complete when written) step files, oldest first."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
+             if (m := _STEP_RE.fullmatch(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _read_pointer(ckpt_dir: Path) -> Path | None:
+    try:
+        name = (ckpt_dir / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return ckpt_dir / name if _STEP_RE.fullmatch(name) else None
+
+
+def _is_stale_tmp(name: str) -> bool:
+    """A temp file of ours whose writer (a process on this host) no longer runs."""
+    m = _TMP_RE.fullmatch(name)
+    if m is None or m["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    steps = _step_files(ckpt_dir)
+    keep = set(steps[-keep_last:]) | {_read_pointer(ckpt_dir)}
+    for path in steps:
+        if path not in keep:
+            _remove(path)
+    for path in ckpt_dir.iterdir():
+        if _is_stale_tmp(path.name):
+            _remove(path)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _is_complete(path: Path) -> bool:
+    """True when `path` is an intact torch zip archive (central directory and CRCs check)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names if intact, else the newest intact `step_*.pt`, else None.
+
+    Temp files are never candidates; a damaged file is skipped with a warning naming it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    candidates = _step_files(ckpt_dir)[::-1]
+    pointed = _read_pointer(ckpt_dir)
+    if pointed in candidates:
+        candidates.remove(pointed)
+        candidates.insert(0, pointed)
+    for path in candidates:
+        if _is_complete(path):
+            return path
+        warnings.warn(f"skipping checkpoint {path}: truncated or corrupt; trying an older one",
+                      stacklevel=2)
+    return None
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """Where the engine keeps a run's checkpoints."""
+    return Path(output_dir) / "checkpoints"
+
+
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """Checkpoint for `--resume`: None (fresh run), `auto` (newest in this run, or None) or a path.
+
+    A directory path means its newest intact checkpoint (the run dir or its checkpoints dir).
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        return find_latest(checkpoint_dir(output_dir))
+    path = Path(resume)
+    if path.is_dir():
+        found = find_latest(path) or find_latest(checkpoint_dir(path))
+        if found is None:
+            raise CheckpointError(f"--resume {path}: no intact step_*.pt checkpoint in it")
+        return found
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such file (use --resume auto to continue "
+                              "from the newest checkpoint in output_dir)")
+    return path
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+
+@dataclass
+class LoadReport:
+    """How every key of a checkpoint and of the model was accounted for."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)         # values taken from the checkpoint
+    resampled: list[str] = field(default_factory=list)      # loaded after resampling (pos_embed)
+    reinitialised: list[str] = field(default_factory=list)  # in both, model's fresh value kept
+    missing: list[str] = field(default_factory=list)        # model keys the file lacks (allowed)
+    unexpected: list[str] = field(default_factory=list)     # file keys the model lacks (ignored)
+    skipped: list[str] = field(default_factory=list)        # matched a `skip` pattern
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{len(getattr(self, n))} {n}" for n in (
+            "loaded", "resampled", "reinitialised", "missing", "unexpected", "skipped"))
+        return "; ".join([f"{self.source}: {counts}", *self.notes])
+
+
+def map_albef_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename released-ALBEF keys to ours (`text_encoder.encoder.*` -> `...bert.encoder.*`)."""
+    return {_BERT_MODEL_RE.sub(r"\1.bert.\2.", k): v for k, v in state.items()}
+
+
+def _matches(key: str, patterns: list[str]) -> bool:
+    """fnmatch pattern, or a module prefix (`text_encoder.cls` matches its sub-keys)."""
+    return any(fnmatch.fnmatchcase(key, p) or key.startswith(p.rstrip(".") + ".")
+               for p in patterns)
+
+
+def _tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names sharing one tensor (tied weights), in state-dict order; meta tensors have no data."""
+    groups: dict[tuple, list[str]] = {}
+    for key, t in state.items():
+        if not t.is_meta and t.numel():
+            groups.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), []).append(key)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _alias_source(key: str) -> str | None:
+    for alias, source in _TIED_ALIASES.items():
+        if key.endswith(alias):
+            return key[: -len(alias)] + source
+    return None
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors; meta tensors (shape-only matching) have no values to compare."""
+    return a.is_meta or b.is_meta or (a.shape == b.shape and torch.equal(a, b))
+
+
+def _names(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"[{', '.join(map(str, t.shape))}]"
+
+
+def _grid(num_patches: int, key: str, source: str) -> list[int]:
+    side = round(num_patches ** 0.5)
+    if side * side != num_patches:
+        raise CheckpointError(f"{source}: {key} has {num_patches} patch positions, not a square "
+                              "grid; cannot resample it")
+    return [side, side]
+
+
+def _match_queues(state: dict, target: dict, report: LoadReport) -> None:
+    """Queues are training state: if their length differs, keep the model's fresh ones."""
+    differs = [k for k in _QUEUES if k in state and k in target
+               and state[k].shape[:-1] == target[k].shape[:-1]
+               and state[k].shape[-1] != target[k].shape[-1]]
+    if differs:
+        q_old, q_new = state[differs[0]].shape[-1], target[differs[0]].shape[-1]
+        for key in _QUEUE_STATE:
+            if key in target:
+                state.pop(key, None)
+                report.reinitialised.append(key)
+        report.notes.append(f"queue size differs (checkpoint {q_old}, model {q_new}): "
+                            "queues re-initialised")
+    elif "idx_queue" in target and "idx_queue" not in state and "image_queue" in state:
+        report.missing.append("idx_queue")
+        report.notes.append("idx_queue not in checkpoint (ALBEF pretraining): initialised empty")
+
+
+def _match_pos_embed(state: dict, target: dict, report: LoadReport) -> None:
+    """Resample ViT position embeddings (one class token) to the model's patch grid, bicubic
+    without antialiasing as ALBEF's `interpolate_pos_embed`."""
+    for key, want in target.items():
+        have = state.get(key)
+        if (not key.endswith("pos_embed") or have is None or have.shape == want.shape
+                or have.ndim != 3 or have.shape[-1] != want.shape[-1]):
+            continue
+        old = _grid(have.shape[1] - 1, key, report.source)
+        new = _grid(want.shape[1] - 1, key, report.source)
+        state[key] = resample_abs_pos_embed(have.float(), new_size=new, old_size=old,
+                                            num_prefix_tokens=1, antialias=False).to(have.dtype)
+        report.resampled.append(key)
+        report.notes.append(f"{key}: resampled from a {old[0]}x{old[1]} to a "
+                            f"{new[0]}x{new[1]} patch grid")
+
+
+def match_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                     skip: Iterable[str] = (), source: str = "checkpoint"
+                     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Match a (key-mapped) checkpoint state dict to the model's `target` state dict.
+
+    Returns a state dict with exactly the model's keys (ready for a strict load_state_dict)
+    and the report. `skip` patterns (fnmatch or module prefix) name keys to leave alone on both
+    sides. Built-in allowances: HF `position_ids` buffers, MLM decoder aliases equal to the
+    tensors they are tied to, a missing `idx_queue`, resized queues (re-initialised) and
+    pos_embed grids (resampled). Anything else missing, unexpected or of another shape raises
+    CheckpointError.
+    """
+    skip, report = list(skip), LoadReport(source)
+    report.skipped = sorted(k for k in state.keys() | target.keys() if _matches(k, skip))
+    state = {k: v for k, v in state.items() if k not in report.skipped}
+    kept = {k for k in target if k in report.skipped}  # model keys that keep their values
+
+    _match_queues(state, target, report)
+    _match_pos_embed(state, target, report)
+    kept |= set(report.reinitialised) | set(report.missing)
+
+    tied = {k: g for g in _tied_groups(target) for k in g}
+    missing, unexpected = [], []
+    for key in state.keys() - target.keys():
+        alias_of = _alias_source(key)
+        if key.endswith(_POSITION_IDS) or (
+                alias_of in state and _same_values(state[key], state[alias_of])):
+            report.unexpected.append(key)
+        else:
+            unexpected.append(key)
+    for key in target.keys() - state.keys() - kept:
+        if key.endswith(_POSITION_IDS) or any(k in state for k in tied.get(key, ())):
+            report.missing.append(key)
+        else:
+            missing.append(key)
+    if missing or unexpected:
+        parts = [f"{what} keys {_names(sorted(keys))}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise CheckpointError(
+            f"{source} does not match the model: {', '.join(parts)}; {_SHAPE_FIX}, or pass "
+            "skip patterns for keys that are meant to be left out")
+
+    common = sorted(state.keys() & target.keys())
+    wrong = [k for k in common if state[k].shape != target[k].shape]
+    if wrong:
+        lines = [f"{k}: checkpoint {_shape(state[k])} vs model {_shape(target[k])}"
+                 for k in wrong[:_MAX_LINES]]
+        if len(wrong) > _MAX_LINES:
+            lines.append(f"... and {len(wrong) - _MAX_LINES} more")
+        raise CheckpointError("\n".join(
+            [f"{source}: {len(wrong)} tensors differ in shape from the model ({_SHAPE_FIX}):",
+             *lines]))
+    for group in {tuple(g) for g in tied.values()}:
+        present = [k for k in group if k in state]
+        if any(not _same_values(state[present[0]], state[k]) for k in present[1:]):
+            raise CheckpointError(f"{source}: {', '.join(present)} are tied in the model but "
+                                  "hold different values in the checkpoint")
+
+    final = dict(target)
+    final.update({k: state[k] for k in common})
+    for key in report.missing:
+        loaded_twin = [k for k in tied.get(key, ()) if k in state]
+        if loaded_twin:
+            final[key] = state[loaded_twin[0]]
+    report.loaded = common
+    report.missing.sort()
+    report.unexpected.sort()
+    return final, report
+
+
+def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of our checkpoints / ALBEF's (under 'model') or of a plain state dict."""
+    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: not a model state dict: '{key}' holds a "
+                                  f"{type(value).__name__}, not a tensor")
+    return state
+
+
+def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, skip: Iterable[str] = ()
+                    ) -> LoadReport:
+    """Load our checkpoint, a released ALBEF .pth or a plain state dict into `model`.
+
+    Every key is accounted for (see `match_state_dict`); the returned report says how.
+    """
+    path = Path(path)
+    state = map_albef_keys(_model_state(load_checkpoint_file(path), path))
+    final, report = match_state_dict(state, model.state_dict(), skip, source=str(path))
+    model.load_state_dict(final, strict=True)
+    return report
+
+
+def save_pretrained(model: torch.nn.Module, path: str | os.PathLike,
+                    config: dict[str, Any] | None = None) -> Path:
+    """Export `model` weights (and optionally its config) atomically.
+
+    `.safetensors`: the state dict without tied aliases (restored by `load_pretrained`), config
+    as JSON metadata. Otherwise a torch file `{'model': state_dict, 'config': config}`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if path.suffix == ".safetensors":
+        aliases = {k for g in _tied_groups(state) for k in g[1:]}
+        tensors = {k: v.contiguous() for k, v in state.items() if k not in aliases}
+        metadata = {"config": json.dumps(config)} if config is not None else None
+        _atomic_write(path, lambda f: f.write(safetensors_bytes(tensors, metadata)))
+    else:
+        payload = {"model": state} if config is None else {"model": state, "config": config}
+        _atomic_write(path, lambda f: torch.save(payload, f))
+    return path
