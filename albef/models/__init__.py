@@ -1,0 +1,57 @@
+"""Model construction from the config (`build_model`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from albef.models.albef import ALBEF, LOSS_TERMS, TokenIds
+from albef.models.bert import TextEncoder
+from albef.models.vision import build_vision_encoder
+
+__all__ = ["ALBEF", "TextEncoder", "TokenIds", "build_model", "build_vision_encoder"]
+
+
+def build_model(cfg: Any) -> ALBEF:
+    """ALBEF from `cfg.model` and `cfg.loss`: timm ViT + BERT text/fusion encoder + momentum copies."""
+    mcfg, tcfg = cfg.model, cfg.model.text
+    tokenizer_name = tcfg.tokenizer or tcfg.bert
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+
+    visual_encoder = build_vision_encoder(mcfg.vision)
+    text_encoder = TextEncoder.from_pretrained(
+        tcfg.bert,
+        fusion_layer=tcfg.fusion_layer,
+        encoder_width=visual_encoder.embed_dim,
+        config_overrides=tcfg.config_overrides,
+        load_weights=tcfg.pretrained,
+        attention=tcfg.attention,
+    )
+    vocab_size = text_encoder.config.vocab_size
+    if len(tokenizer) != vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but BERT config {tcfg.bert!r} has "
+            f"vocab_size={vocab_size}; use a matching model.text.tokenizer or config"
+        )
+    text_encoder.set_grad_checkpointing(tcfg.grad_checkpointing)
+
+    return ALBEF(
+        visual_encoder,
+        text_encoder,
+        TokenIds(
+            pad=tokenizer.pad_token_id,
+            cls=tokenizer.cls_token_id,
+            sep=tokenizer.sep_token_id,
+            mask=tokenizer.mask_token_id,
+        ),
+        embed_dim=mcfg.embed_dim,
+        temp=mcfg.temp,
+        momentum=mcfg.momentum,
+        queue_size=mcfg.queue_size,
+        mlm_probability=cfg.loss.mlm_probability,
+        loss_weights={k: getattr(cfg.loss.weights, k) for k in LOSS_TERMS},
+        itc_kind=cfg.loss.itc,
+        itc_gather_batch=cfg.loss.itc_gather_batch,
+        itm_negatives=cfg.loss.itm_negatives,
+    )

@@ -1,0 +1,101 @@
+"""Process-group setup and gather helpers (torchrun environment; identity in a single process)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the torchrun process group (NCCL on CUDA, else gloo); a plain process runs alone."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def destroy_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def max_across_ranks(value: int, device: torch.device) -> int:
+    """The largest `value` over all ranks (e.g. a padded length)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _check_same_shape(t: Tensor) -> None:
+    shape = torch.tensor(t.shape, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(get_world_size())]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise RuntimeError(
+            f"all_gather needs equal shapes on every rank, got {[s.tolist() for s in shapes]}; "
+            "use equal per-rank batches (drop_last=True) and pad variable dimensions"
+        )
+
+
+@torch.no_grad()
+def all_gather_concat(t: Tensor) -> Tensor:
+    """Concatenate `t` from all ranks along dim 0, in rank order (no gradient)."""
+    if not is_distributed():
+        return t
+    _check_same_shape(t)
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)
+
+
+def all_gather_with_grad(t: Tensor) -> Tensor:
+    """Like `all_gather_concat`, but the local slice is `t` itself, so gradients reach it (only it)."""
+    if not is_distributed():
+        return t
+    gathered = all_gather_concat(t.detach())
+    start = get_rank() * t.shape[0]
+    return torch.cat([gathered[:start], t, gathered[start + t.shape[0]:]], dim=0)

@@ -1,0 +1,353 @@
+"""A compact BERT text / fusion encoder with ALBEF's module names (state-dict keys match HF BERT).
+
+Layers below `fusion_layer` are a plain bidirectional BERT text encoder; layers from
+`fusion_layer` on add cross-attention to image tokens (key/value width `encoder_width`).
+Modes: `text` (text layers only), `fusion` (fusion layers on given text states),
+`multimodal` (all layers from token ids).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig
+from transformers.activations import ACT2FN
+from transformers.utils import cached_file
+
+logger = logging.getLogger(__name__)
+
+MODES = ("text", "fusion", "multimodal")
+ATTENTIONS = ("sdpa", "eager")
+
+
+def _key_mask(mask: Tensor | None) -> Tensor | None:
+    """[B, L] padding mask (1 = keep) -> boolean [B, 1, 1, L] for attention over keys."""
+    return None if mask is None else mask.bool()[:, None, None, :]
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig, kv_width: int, attention: str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.attention = attention
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self, hidden: Tensor, mask: Tensor | None, context: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from `hidden` to `context` (itself when None); `mask` is boolean [B, 1, 1, Lk]."""
+        context = hidden if context is None else context
+        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
+        probs = None
+        if self.attention == "eager" or need_weights:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(dim=-1)
+            out = self.dropout(probs) @ v
+        else:
+            dropout_p = self.dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return out.transpose(1, 2).flatten(2), probs
+
+
+class BertSelfOutput(nn.Module):
+    """Projection + dropout + residual LayerNorm (also used after the feed-forward block)."""
+
+    def __init__(self, config: BertConfig, in_width: int):
+        super().__init__()
+        self.dense = nn.Linear(in_width, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig, kv_width: int, attention: str):
+        super().__init__()
+        self.self = BertSelfAttention(config, kv_width, attention)
+        self.output = BertSelfOutput(config, config.hidden_size)
+
+    def forward(
+        self, hidden: Tensor, mask: Tensor | None, context: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        out, probs = self.self(hidden, mask, context, need_weights)
+        return self.output(out, hidden), probs
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig, cross_attention: bool, attention: str):
+        super().__init__()
+        self.attention = BertAttention(config, config.hidden_size, attention)
+        self.crossattention = BertAttention(config, config.encoder_width, attention) if cross_attention else None
+        self.intermediate = BertIntermediate(config)
+        self.output = BertSelfOutput(config, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        mask: Tensor | None,
+        image_embeds: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        hidden, _ = self.attention(hidden, mask)
+        probs = None
+        if self.crossattention is not None:
+            if image_embeds is None:
+                raise ValueError("fusion layers need image_embeds")
+            hidden, probs = self.crossattention(hidden, image_mask, image_embeds, need_weights)
+        return self.output(self.intermediate(hidden), hidden), probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig, attention: str):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            BertLayer(config, i >= config.fusion_layer, attention) for i in range(config.num_hidden_layers)
+        )
+        self.grad_checkpointing = False
+
+    def forward(
+        self,
+        hidden: Tensor,
+        mask: Tensor | None,
+        layers: slice,
+        image_embeds: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Run `self.layer[layers]`; returns the hidden states and the cross-attention maps."""
+        attentions = []
+        for layer in self.layer[layers]:
+            args = (hidden, mask, image_embeds, image_mask, output_attentions)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, probs = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                hidden, probs = layer(*args)
+            if probs is not None:
+                attentions.append(probs)
+        return hidden, attentions
+
+
+class BertModel(nn.Module):
+    """BERT without pooler; `forward` selects the layers by `mode`."""
+
+    def __init__(self, config: BertConfig, attention: str = "sdpa"):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"model.text.attention must be one of {ATTENTIONS}, got {attention!r}")
+        if not 0 <= config.fusion_layer <= config.num_hidden_layers:
+            raise ValueError(
+                f"model.text.fusion_layer={config.fusion_layer} must lie in [0, {config.num_hidden_layers}] "
+                "(num_hidden_layers of the BERT config)"
+            )
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config, attention)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        mode: str = "multimodal",
+        text_embeds: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Hidden states [B, L, H]; with `output_attentions`, also the cross-attention maps
+        [B, heads, L, N] of each fusion layer run (the last one is what Grad-CAM uses).
+
+        `text`: `input_ids` through the text layers. `fusion`: `text_embeds` (text-mode output)
+        through the fusion layers with the image. `multimodal`: `input_ids` through all layers.
+        """
+        fusion = self.config.fusion_layer
+        if mode == "text":
+            hidden, layers = self.embeddings(input_ids), slice(0, fusion)
+        elif mode == "fusion":
+            hidden, layers = text_embeds, slice(fusion, None)
+        elif mode == "multimodal":
+            hidden, layers = self.embeddings(input_ids), slice(None)
+        else:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        hidden, attentions = self.encoder(
+            hidden, _key_mask(attention_mask), layers, image_embeds, _key_mask(image_mask), output_attentions
+        )
+        return (hidden, attentions) if output_attentions else hidden
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.transform(x))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+
+class TextEncoder(nn.Module):
+    """ALBEF's BertForMaskedLM: `bert` encoder + `cls` MLM head (decoder tied to word embeddings)."""
+
+    def __init__(self, config: BertConfig, attention: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, attention)
+        self.cls = BertOnlyMLMHead(config)
+        self.apply(self._init_weights)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT initialisation: normal(0, initializer_range) weights, zero biases, unit LayerNorm."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(std=self.config.initializer_range)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+        if isinstance(module, (nn.Linear, nn.LayerNorm, BertLMPredictionHead)) and module.bias is not None:
+            module.bias.zero_()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, **kwargs: Any) -> Tensor:
+        """Multimodal hidden states of (masked) token ids with the image."""
+        return self.bert(input_ids, attention_mask, image_embeds, mode="multimodal", **kwargs)
+
+    def mlm_logits(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        """Vocabulary logits [M, V] at the M positions where the boolean mask `positions` is set."""
+        return self.cls.predictions(hidden[positions])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.bert.encoder.grad_checkpointing = enable
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path,
+        fusion_layer: int,
+        encoder_width: int,
+        config_overrides: dict[str, Any] | None = None,
+        load_weights: bool = True,
+        attention: str = "sdpa",
+    ) -> TextEncoder:
+        """Build from a HF BERT config (hub id or local dir), loading its weights when asked."""
+        config = bert_config(name_or_dir, fusion_layer, encoder_width, config_overrides)
+        model = cls(config, attention)
+        if load_weights:
+            result = model.load_bert_state_dict(read_bert_weights(name_or_dir))
+            logger.info("loaded BERT weights from %s", name_or_dir)
+            if result.missing_keys:
+                logger.info("BERT weights from %s: new (initialised) keys %s", name_or_dir, result.missing_keys)
+            if result.unexpected_keys:
+                logger.info("BERT weights from %s: unused keys %s", name_or_dir, result.unexpected_keys)
+        return model
+
+    def load_bert_state_dict(self, state_dict: dict[str, Tensor]) -> Any:
+        """Load HF BertModel / BertForMaskedLM weights by key (keys with or without `bert.`).
+
+        Returns missing (newly initialised, e.g. cross-attention) and unexpected (e.g. pooler) keys;
+        a key missing from the file but tied to a loaded one (decoder weight/bias) is not missing.
+        """
+        state_dict = {k if k.startswith(("bert.", "cls.")) else f"bert.{k}": v for k, v in state_dict.items()}
+        own = self.state_dict(keep_vars=True)
+        for key, value in state_dict.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(
+                    f"BERT weight {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}; "
+                    "the weights do not match the BERT config"
+                )
+        result = self.load_state_dict(state_dict, strict=False)
+        loaded = {id(own[k]) for k in state_dict if k in own}
+        result.missing_keys[:] = [k for k in result.missing_keys if id(own[k]) not in loaded]
+        return result
+
+
+def bert_config(
+    name_or_dir: str | Path, fusion_layer: int, encoder_width: int, overrides: dict[str, Any] | None = None
+) -> BertConfig:
+    """`BertConfig.from_pretrained` plus overrides, with ALBEF's `fusion_layer` and `encoder_width`."""
+    config = BertConfig.from_pretrained(str(name_or_dir))
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"BERT config override {key!r} is not a BertConfig attribute")
+        setattr(config, key, value)
+    config.fusion_layer = fusion_layer
+    config.encoder_width = encoder_width
+    return config
+
+
+def read_bert_weights(name_or_dir: str | Path) -> dict[str, Tensor]:
+    """The state dict in model.safetensors (preferred) or pytorch_model.bin of a dir or hub id."""
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = cached_file(str(name_or_dir), filename, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            continue
+        if filename.endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"no model.safetensors or pytorch_model.bin for {str(name_or_dir)!r}; "
+        "add the weights or set model.text.pretrained=false"
+    )

@@ -1,0 +1,245 @@
+"""The ALBEF pretraining model: outputs, loss switches, ITC ce/kl, momentum, queue, negatives, MLM."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from albef.config import Config
+from albef.models import build_model
+from albef.models.albef import ALBEF, TokenIds, mask_tokens, sample_negatives
+from albef.models.bert import TextEncoder
+from albef.models.vision import build_vision_encoder
+from test_bert import write_tiny_bert
+
+torch.set_num_threads(2)
+ALBEF_ORIGINAL = Path(__file__).resolve().parents[2] / "shared" / "albef_original"
+TOKENS = TokenIds(pad=0, cls=2, sep=3, mask=4)
+EXPECTED_KEYS = {"loss", "loss_itc", "loss_itm", "loss_mlm", "itc_ce", "itc_kl", "itc_entropy", "queue_update"}
+
+
+def tiny_config(tmp_path: Path, weights: dict | None = None, **loss) -> Config:
+    cfg = Config()
+    vision = cfg.model.vision
+    vision.image_size, vision.patch_size, vision.embed_dim, vision.depth, vision.num_heads, vision.mlp_ratio = (
+        32, 8, 24, 1, 2, 2.0)
+    text = cfg.model.text
+    bert_dir = tmp_path / "bert"
+    text.bert = str(bert_dir if bert_dir.exists() else write_tiny_bert(bert_dir))
+    text.pretrained, text.fusion_layer = False, 2
+    cfg.model.embed_dim, cfg.model.queue_size = 16, 8
+    for key, value in (weights or {}).items():
+        setattr(cfg.loss.weights, key, value)
+    for key, value in loss.items():
+        setattr(cfg.loss, key, value)
+    return cfg
+
+
+def make_model(tmp_path: Path, weights: dict | None = None, **loss) -> ALBEF:
+    torch.manual_seed(0)
+    return build_model(tiny_config(tmp_path, weights, **loss))
+
+
+def make_batch(batch_size: int = 3, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, 32, 32, generator=gen)
+    ids = torch.randint(5, 48, (batch_size, 9), generator=gen)
+    ids[:, 0] = TOKENS.cls
+    lengths = torch.tensor([9, 6, 4, 7, 9, 5])[:batch_size]
+    positions = torch.arange(9)
+    ids[positions[None] == lengths[:, None] - 1] = TOKENS.sep
+    ids[positions[None] >= lengths[:, None]] = TOKENS.pad
+    return images, ids, (ids != TOKENS.pad).long()
+
+
+def test_forward_backward_returns_every_term(tmp_path):
+    model = make_model(tmp_path)
+    images, ids, mask = make_batch()
+    out = model(images, ids, mask, alpha=0.4, ids=torch.tensor([0, 1, 1]))
+    assert set(out) == EXPECTED_KEYS
+    for key in EXPECTED_KEYS - {"queue_update"}:
+        assert out[key].dim() == 0 and torch.isfinite(out[key]), key
+    torch.testing.assert_close(out["loss"], out["loss_itc"] + out["loss_itm"] + out["loss_mlm"])
+    out["loss"].backward()
+    online = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert online and all(model.get_parameter(n).grad is not None for n in online)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    image_feat_m, text_feat_m, queue_ids = out["queue_update"]
+    assert image_feat_m.shape == text_feat_m.shape == (3, 16) and not image_feat_m.requires_grad
+    assert queue_ids.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("off", ["itc", "itm", "mlm"])
+def test_a_zero_weight_term_is_not_computed(tmp_path, off):
+    model = make_model(tmp_path, {off: 0.0})
+    images, ids, mask = make_batch()
+    out = model(images, ids, mask, alpha=0.4)
+    assert f"loss_{off}" not in out
+    if off == "itc":
+        assert not {"itc_ce", "itc_kl", "itc_entropy"} & set(out)
+    on = [k for k in ("itc", "itm", "mlm") if k != off]
+    torch.testing.assert_close(out["loss"], sum(out[f"loss_{k}"] for k in on))
+    out["loss"].backward()
+
+
+def test_itc_ce_and_kl_same_gradients_and_kl_zero_at_the_targets(tmp_path):
+    images, ids, mask = make_batch()
+    outputs, grads = {}, {}
+    for kind in ("ce", "kl"):
+        model = make_model(tmp_path / kind, {"itm": 0.0, "mlm": 0.0}, itc=kind)
+        torch.manual_seed(3)
+        outputs[kind] = model(images, ids, mask, alpha=0.4)
+        outputs[kind]["loss"].backward()
+        grads[kind] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ce, kl = outputs["ce"], outputs["kl"]
+    torch.testing.assert_close(ce["loss_itc"] - kl["loss_itc"], ce["itc_entropy"], rtol=0, atol=1e-5)
+    assert ce["loss_itc"] - kl["loss_itc"] > 0.1
+    torch.testing.assert_close(grads["ce"], grads["kl"], rtol=1e-4, atol=1e-6)
+
+    # A fresh model's momentum copy equals the model: with alpha = 1 the targets are its own
+    # predictions, so the KL term is 0 (eval mode: no dropout in either copy).
+    model.eval()
+    out = model(images, ids, mask, alpha=1.0)
+    assert out["loss_itc"].abs() < 1e-5 and out["itc_kl"].abs() < 1e-5
+    torch.testing.assert_close(out["itc_ce"], out["itc_entropy"], rtol=0, atol=1e-5)
+
+
+def test_momentum_params_are_untouched_by_backward_and_follow_the_ema(tmp_path):
+    model = make_model(tmp_path)
+    images, ids, mask = make_batch()
+    momentum_before = {n: p.clone() for n, p in model.named_parameters() if n.split(".")[0].endswith("_m")}
+    assert momentum_before and not any(model.get_parameter(n).requires_grad for n in momentum_before)
+    model(images, ids, mask, alpha=0.4)["loss"].backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    for name, before in momentum_before.items():
+        assert torch.equal(model.get_parameter(name), before), name
+    model.momentum_update()
+    for name, before in momentum_before.items():
+        online = model.get_parameter(name.replace("_m.", ".", 1))
+        expected = model.momentum * before + (1 - model.momentum) * online
+        torch.testing.assert_close(model.get_parameter(name), expected, rtol=0, atol=1e-6)
+    assert not torch.equal(model.get_parameter("vision_proj_m.weight"), momentum_before["vision_proj_m.weight"])
+
+
+def test_enqueue_writes_momentum_features_and_ids_used_as_positives(tmp_path):
+    model = make_model(tmp_path)
+    images, ids, mask = make_batch()
+    out = model(images, ids, mask, alpha=0.4, ids=torch.tensor([7, 8, 8]))
+    model.enqueue(*out["queue_update"])
+    image_feat_m, text_feat_m, _ = out["queue_update"]
+    torch.testing.assert_close(model.image_queue[:, :3], image_feat_m.t())
+    torch.testing.assert_close(model.text_queue[:, :3], text_feat_m.t())
+    assert model.idx_queue[0].tolist() == [7, 8, 8, -1, -1, -1, -1, -1] and int(model.queue_ptr) == 3
+    assert model._queue_positives(torch.tensor([8, 5]), 2)[:, :4].tolist() == [
+        [False, True, True, False], [False, False, False, False]]
+    out = model(images, ids, mask, alpha=0.4)  # no ids: the queue holds negatives only
+    model.enqueue(*out["queue_update"])
+    assert model.idx_queue[0].tolist() == [7, 8, 8, -1, -1, -1, -1, -1] and int(model.queue_ptr) == 6
+
+
+def test_hard_negatives_are_never_positives():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 1, 1, 2, 2, 2, 3])
+    exclude = ids[:, None] == ids[None, :]
+    sim = torch.randn(7, 7) * 5
+    for _ in range(200):
+        neg, valid = sample_negatives(sim, exclude)
+        assert valid.all() and not exclude[torch.arange(7), neg].any()
+    neg, valid = sample_negatives(torch.randn(3, 3), torch.ones(3, 3, dtype=torch.bool))
+    assert not valid.any() and neg.shape == (3,)
+
+
+@pytest.mark.parametrize("batch_size, sample_ids", [(1, None), (1, [4]), (3, [5, 5, 5]), (3, None)])
+def test_itm_survives_batches_without_valid_negatives(tmp_path, batch_size, sample_ids):
+    model = make_model(tmp_path, {"itc": 0.0, "mlm": 0.0})
+    images, ids, mask = make_batch(batch_size)
+    sample_ids = None if sample_ids is None else torch.tensor(sample_ids)
+    out = model(images, ids, mask, alpha=0.4, ids=sample_ids)
+    assert torch.isfinite(out["loss_itm"])
+    out["loss"].backward()
+
+
+def test_mlm_never_masks_special_tokens():
+    torch.manual_seed(0)
+    ids = torch.randint(5, 48, (64, 20))
+    ids[:, 0], ids[:, 12], ids[:, 13:] = TOKENS.cls, TOKENS.sep, TOKENS.pad
+    masked, labels = mask_tokens(ids, 1.0, TOKENS, vocab_size=48)
+    special = torch.isin(ids, torch.tensor([TOKENS.pad, TOKENS.cls, TOKENS.sep]))
+    assert torch.equal(masked[special], ids[special]) and (labels[special] == -100).all()
+    assert torch.equal(labels[~special], ids[~special])
+    share_mask = (masked[~special] == TOKENS.mask).float().mean()
+    share_kept = (masked[~special] == ids[~special]).float().mean()
+    assert 0.75 < share_mask < 0.85 and 0.07 < share_kept < 0.15
+    masked, labels = mask_tokens(ids, 0.15, TOKENS, vocab_size=48)
+    assert 0.1 < (labels != -100).float().sum() / (~special).sum() < 0.2
+    assert torch.equal(masked[labels == -100], ids[labels == -100])
+
+
+def test_encoders_and_itm_score(tmp_path):
+    model = make_model(tmp_path).eval()
+    images, ids, mask = make_batch()
+    with torch.no_grad():
+        image_feat, text_feat = model.encode_image(images), model.encode_text(ids, mask)
+        score = model.itm_score(images, ids, mask)
+        image_embeds, feat = model.image_tokens(images)
+    torch.testing.assert_close(image_feat.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(text_feat.norm(dim=-1), torch.ones(3))
+    assert image_embeds.shape == (3, 17, 24) and torch.equal(feat, image_feat)
+    assert score.shape == (3,) and ((score > 0) & (score < 1)).all()
+
+
+def test_tokenizer_and_config_vocab_mismatch_is_reported(tmp_path):
+    cfg = tiny_config(tmp_path)
+    write_tiny_bert(Path(cfg.model.text.bert), vocab_size=60)
+    with pytest.raises(ValueError, match="vocab_size=60"):
+        build_model(cfg)
+
+
+@pytest.mark.skipif(not (ALBEF_ORIGINAL / "tiny_albef_pretrain.pth").is_file(),
+                    reason="../shared/albef_original/tiny_albef_pretrain.pth (reference ALBEF checkpoint) is absent")
+def test_state_dict_keys_match_the_original_albef_checkpoint(tmp_path):
+    reference = torch.load(ALBEF_ORIGINAL / "tiny_albef_pretrain.pth", map_location="cpu", weights_only=True)["model"]
+    bert_config = json.loads((ALBEF_ORIGINAL / "config_bert_tiny.json").read_text())
+    bert_dir = tmp_path / "bert"
+    bert_dir.mkdir()
+    (bert_dir / "config.json").write_text(json.dumps(bert_config))
+    vit = timm.create_model("deit_base_patch16_224", img_size=64, num_classes=0, global_pool="", embed_dim=64,
+                            depth=2, num_heads=4, patch_size=16, mlp_ratio=4)
+    text = TextEncoder.from_pretrained(bert_dir, bert_config["fusion_layer"], bert_config["encoder_width"],
+                                       load_weights=False)
+    model = ALBEF(vit, text, TOKENS, embed_dim=32, queue_size=64)
+    ours = model.state_dict()
+    ignored = {"idx_queue"}  # pretraining ALBEF keeps no image ids
+    ignored |= {k for k in reference if k.endswith("embeddings.position_ids")}  # a constant buffer
+    assert set(ours) - ignored == set(reference) - ignored
+    assert all(ours[k].shape == reference[k].shape for k in set(reference) - ignored)
+    model.load_state_dict({k: v for k, v in reference.items() if k not in ignored}, strict=False)
+    assert torch.equal(model.text_encoder.cls.predictions.decoder.weight,
+                       reference["text_encoder.bert.embeddings.word_embeddings.weight"])
+
+
+def test_vision_checkpoint_init_resamples_pos_embed_and_drops_the_head(tmp_path):
+    vcfg = tiny_config(tmp_path).model.vision
+    torch.manual_seed(0)
+    source = timm.create_model(vcfg.arch, img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                               mlp_ratio=2.0, num_classes=5)
+    state = {f"visual_encoder.{k}": v for k, v in source.state_dict().items()}
+    state["text_encoder.bert.embeddings.word_embeddings.weight"] = torch.zeros(3, 3)
+    torch.save({"model": state}, tmp_path / "albef.pth")
+    vcfg.checkpoint = str(tmp_path / "albef.pth")
+    encoder = build_vision_encoder(vcfg).eval()
+    assert encoder.pos_embed.shape == (1, 17, 24)
+    torch.testing.assert_close(encoder.pos_embed[:, 0], source.pos_embed[:, 0])
+    torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(encoder(images), encoder.forward_features(images))
+
+    vcfg.embed_dim = vcfg.num_heads = 4
+    with pytest.raises(ValueError, match="cls_token"):
+        build_vision_encoder(vcfg)
