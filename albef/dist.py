@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -69,33 +70,40 @@ def max_across_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def _check_same_shape(t: Tensor) -> None:
+@torch.no_grad()
+def gather_rows(t: Tensor) -> tuple[Tensor, list[int]]:
+    """Concatenate `t` from all ranks along dim 0 in rank order, and return each rank's row count.
+
+    Ranks may hold different numbers of rows (a batch that lost unreadable samples); the other
+    dimensions must agree. One small all_gather of the shapes precedes the data gather.
+    """
+    if not is_distributed():
+        return t, [t.shape[0]]
+    t = t.contiguous()
     shape = torch.tensor(t.shape, device=t.device)
     shapes = [torch.empty_like(shape) for _ in range(get_world_size())]
     dist.all_gather(shapes, shape)
-    if any(not torch.equal(s, shape) for s in shapes):
+    shapes = [s.tolist() for s in shapes]
+    if any(s[1:] != list(t.shape[1:]) for s in shapes):
         raise RuntimeError(
-            f"all_gather needs equal shapes on every rank, got {[s.tolist() for s in shapes]}; "
-            "use equal per-rank batches (drop_last=True) and pad variable dimensions"
+            f"all_gather needs the same shape past dim 0 on every rank, got {shapes}; pad variable dimensions"
         )
+    counts = [s[0] for s in shapes]
+    padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, max(counts) - t.shape[0]))
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0), counts
 
 
-@torch.no_grad()
 def all_gather_concat(t: Tensor) -> Tensor:
     """Concatenate `t` from all ranks along dim 0, in rank order (no gradient)."""
-    if not is_distributed():
-        return t
-    _check_same_shape(t)
-    t = t.contiguous()
-    parts = [torch.empty_like(t) for _ in range(get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts, dim=0)
+    return gather_rows(t)[0]
 
 
 def all_gather_with_grad(t: Tensor) -> Tensor:
     """Like `all_gather_concat`, but the local slice is `t` itself, so gradients reach it (only it)."""
     if not is_distributed():
         return t
-    gathered = all_gather_concat(t.detach())
-    start = get_rank() * t.shape[0]
+    gathered, counts = gather_rows(t.detach())
+    start = sum(counts[: get_rank()])
     return torch.cat([gathered[:start], t, gathered[start + t.shape[0]:]], dim=0)

@@ -42,12 +42,21 @@ def _worker(rank: int, world_size: int, init_file: str) -> None:
 
         assert dist.max_across_ranks(5 + rank, x.device) == 5 + world_size - 1
 
+        # Ranks may hold different row counts (a batch that lost unreadable samples).
+        uneven = torch.full((1 + rank, 3), float(rank), requires_grad=True)
+        gathered, counts = dist.gather_rows(uneven.detach())
+        assert counts == [1 + r for r in range(world_size)]
+        assert torch.equal(gathered, torch.cat([torch.full((1 + r, 3), float(r)) for r in range(world_size)]))
+        y = dist.all_gather_with_grad(uneven)
+        y.sum().backward()
+        assert torch.equal(uneven.grad, torch.ones(1 + rank, 3))
+
         try:
-            dist.all_gather_concat(torch.zeros(2 + rank, 3))
+            dist.all_gather_concat(torch.zeros(2, 3 + rank))
         except RuntimeError as err:
-            assert "equal shapes" in str(err)
+            assert "same shape past dim 0" in str(err)
         else:
-            raise AssertionError("unequal batch sizes must raise")
+            raise AssertionError("mismatched trailing dimensions must raise")
     finally:
         dist.destroy_distributed()
 

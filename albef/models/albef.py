@@ -318,7 +318,9 @@ class ALBEF(nn.Module):
     @torch.no_grad()
     def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, ids: Tensor) -> None:
         """Push every rank's momentum features (in rank order) into the queues."""
-        image_feat_m, text_feat_m, ids = (dist.all_gather_concat(t) for t in (image_feat_m, text_feat_m, ids))
+        feats = dist.all_gather_concat(torch.cat([image_feat_m, text_feat_m], dim=1))
+        image_feat_m, text_feat_m = feats.split(image_feat_m.shape[1], dim=1)
+        ids = dist.all_gather_concat(ids)
         enqueue_(
             [self.image_queue, self.text_queue, self.idx_queue],
             self.queue_ptr,
@@ -327,12 +329,13 @@ class ALBEF(nn.Module):
 
 
 def _world_candidates(local: Candidates) -> Candidates:
-    """The momentum features of all ranks; this rank's rows start at rank * B."""
+    """The momentum features of all ranks; this rank's rows start after those of lower ranks."""
+    image_feat_m, counts = dist.gather_rows(local.image_feat_m)
     return Candidates(
-        dist.all_gather_concat(local.image_feat_m),
+        image_feat_m,
         dist.all_gather_concat(local.text_feat_m),
         None if local.ids is None else dist.all_gather_concat(local.ids),
-        offset=dist.get_rank() * len(local.image_feat_m),
+        offset=sum(counts[: dist.get_rank()]),
     )
 
 
