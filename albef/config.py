@@ -313,6 +313,8 @@ def _relations(c: Config) -> list[tuple[str, bool, str]]:
          "must list at least one annotation file when data.format is 'json'"),
         ("data.shards", d.format != "wds" or bool(d.shards),
          "must be a shard url pattern when data.format is 'wds'"),
+        ("data.num_samples", d.format != "wds" or d.num_samples is not None,
+         "must give the samples per epoch when data.format is 'wds'"),
         ("data.mean", len(d.mean) == 3, "must have 3 values (R, G, B)"),
         ("data.std", len(d.std) == 3, "must have 3 values (R, G, B)"),
         ("data.crop_scale", len(d.crop_scale) == 2 and d.crop_scale[0] <= d.crop_scale[-1],

@@ -169,7 +169,7 @@ def test_check_paths_names_missing_file(tmp_path, monkeypatch):
 
 def test_check_paths_rejects_unknown_bert_field():
     cfg = load_config(None, ["data.train_files=[]", "data.format=wds", "data.shards=s.tar",
-                             "model.text.config_overrides={hidden_sise: 64}"])
+                             "data.num_samples=100", "model.text.config_overrides={hidden_sise: 64}"])
     with pytest.raises(ConfigError) as info:
         check_paths(cfg)
     assert str(info.value) == ("override 'model.text.config_overrides={hidden_sise: 64}': "
@@ -215,3 +215,8 @@ def test_from_dict_validates():
     data["train"]["batch_size"] = "64"
     with pytest.raises(ConfigError, match=r"^ckpt\.pt: train\.batch_size: expected int"):
         Config.from_dict(data, source="ckpt.pt")
+
+
+def test_webdataset_needs_samples_per_epoch():
+    with pytest.raises(ConfigError, match=r"data\.num_samples: must give the samples per epoch"):
+        load_config(None, ["data.format=wds", "data.shards=s.tar"])

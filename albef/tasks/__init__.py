@@ -1,0 +1,1 @@
+"""Tasks run by the engine (pretraining) and evaluations (retrieval); import the submodules."""

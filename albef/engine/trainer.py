@@ -1,0 +1,392 @@
+"""The one training loop, shared by pretraining and every later task.
+
+A `Task` supplies the model, the data and a step function returning a dict of losses; `train`
+does the rest: DDP wrapping, autocast, gradient accumulation (EMA + enqueue once per optimizer
+step), clipping, non-finite skips, lr/alpha schedules, logging, checkpoints, exact resume and
+preemption. Each step costs one host synchronisation: a small all_reduce(MAX) of
+[non-finite flag per loss term, non-finite grad norm, preemption requested].
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from albef.checkpoint import checkpoint_dir, load_checkpoint_file, resolve_resume, save_checkpoint
+from albef.config import Config, ConfigError, save_config
+from albef.data.datasets import SkipCounter
+from albef.dist import DistInfo
+from albef.engine.logging import MetricLogger
+from albef.engine.optim import build_optimizer
+from albef.engine.schedule import alpha_at, lr_at
+
+PREEMPTED_EXIT_CODE = 75  # exit status after SIGTERM/SIGUSR1: a checkpoint was saved, requeue me
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (repeated non-finite losses, an empty epoch); str() is one line."""
+
+
+class Task(Protocol):
+    """What a task gives the engine."""
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        """The model, on the CPU, with every rank building identical weights from the same seed."""
+
+    def build_train_loader(
+        self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
+    ) -> tuple[Iterable[dict[str, Any]], int]:
+        """(loader over the rest of `epoch` after `consumed` global samples, micro-batches per
+        rank in a full epoch)."""
+
+    def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
+        """Losses for one micro-batch: 'loss' (to backprop), 'loss_*' terms and other 0-d
+        scalars to log; anything else is passed on to `after_optimizer_step`."""
+
+    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
+        """Once per optimizer step with the unwrapped model and every micro-batch's outputs."""
+
+    def find_unused_parameters(self, cfg: Config) -> bool:
+        """Whether some trainable parameters get no gradient (DDP must then search for them)."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    consumed: int = 0  # global samples consumed in `epoch`
+    nonfinite_steps: int = 0  # steps skipped for non-finite losses or gradients
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for `train.precision` ('auto': bf16 on CUDA, fp32 elsewhere); None = fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain data (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "rest": list(np_state[2:])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    keys = state["numpy"]["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, *state["numpy"]["rest"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's `obj` in rank order (a collective; cheap objects, rare calls only)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the loop checks it at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Holds the objects of one run; `fit()` is the loop."""
+
+    def __init__(self, cfg: Config, task: Task, dist: DistInfo, resume: str | None = None) -> None:
+        if cfg.train.strategy != "ddp":
+            raise ConfigError(f"train.strategy: '{cfg.train.strategy}' is not supported by this engine; use 'ddp'")
+        self.cfg, self.task, self.dist = cfg, task, dist
+        self.device = dist.device
+        self.is_main = dist.rank == 0
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_dir = checkpoint_dir(self.output_dir)
+        if self.is_main:
+            save_config(cfg, str(self.output_dir / "config.yaml"))
+
+        self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        seed_everything(cfg.seed)  # identical initial weights and queues on every rank
+        self.model = task.build_model(cfg).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.state = TrainState()
+        self.skips = SkipCounter()  # this rank's bad samples (rank 0 also holds those resumed)
+        self.consecutive_nonfinite = 0
+
+        checkpoint = self._load(resume)
+        self.ddp_model = self.model
+        if dist.world_size > 1:
+            self.ddp_model = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # the model keeps its queues identical across ranks
+                find_unused_parameters=task.find_unused_parameters(cfg),
+            )
+        rng = checkpoint and checkpoint["rng"]
+        if rng and len(rng) == dist.world_size:
+            set_rng_state(rng[dist.rank])
+        else:
+            seed_everything(cfg.seed + dist.rank + self.state.step)
+        self.logger = MetricLogger(self.output_dir, enabled=self.is_main, log_every=cfg.train.log_every)
+        self.preemption = PreemptionFlag()
+
+    def _load(self, resume: str | None) -> dict[str, Any] | None:
+        path = resolve_resume(resume, self.cfg.output_dir) if resume else None
+        if path is None:
+            return None
+        checkpoint = load_checkpoint_file(path)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = TrainState(**checkpoint["train_state"])
+        if self.is_main:  # run totals live on rank 0; the other ranks count from zero
+            self.skips.load_state_dict(checkpoint["skips"])
+            print(f"resumed from {path} (epoch {self.state.epoch}, step {self.state.step})", flush=True)
+        return checkpoint
+
+    # ------------------------------------------------------------------------- loop
+
+    def fit(self) -> int:
+        """Train to the end (or train.max_steps); returns 0, or PREEMPTED_EXIT_CODE."""
+        cfg, accum = self.cfg.train, self.cfg.train.grad_accum
+        samples_per_step = cfg.batch_size * self.dist.world_size * accum
+        self.preemption.install()
+        self.ddp_model.train()
+        try:
+            while self.state.epoch < cfg.epochs:
+                epoch = self.state.epoch
+                loader, batches_per_epoch = self.task.build_train_loader(
+                    self.cfg, self.dist, epoch, self.state.consumed)
+                steps_per_epoch = batches_per_epoch // accum
+                if steps_per_epoch == 0:
+                    raise TrainingError(
+                        f"epoch {epoch} has {batches_per_epoch} batches per rank, fewer than "
+                        f"train.grad_accum={accum}: add data or lower train.batch_size")
+                self.logger.total_steps = self._total_steps(steps_per_epoch)
+                batches = iter(loader)
+                for step_in_epoch in range(self.state.consumed // samples_per_step, steps_per_epoch):
+                    preempted = self.train_step(batches, epoch, step_in_epoch, steps_per_epoch)
+                    self.state.consumed += samples_per_step
+                    end_of_epoch = step_in_epoch + 1 == steps_per_epoch
+                    if end_of_epoch:
+                        self.state.epoch, self.state.consumed = epoch + 1, 0
+                    finished = cfg.max_steps is not None and self.state.step >= cfg.max_steps
+                    if preempted or finished or end_of_epoch or self.state.step % cfg.ckpt_every == 0:
+                        self.save()
+                    if end_of_epoch:
+                        self._check_bad_samples(epoch)
+                    if preempted:
+                        self.logger.event(self.state.step, "preempted", exit_code=PREEMPTED_EXIT_CODE)
+                        return PREEMPTED_EXIT_CODE
+                    if finished:
+                        return 0
+                del batches
+            return 0
+        finally:
+            self.preemption.restore()
+            self.logger.close()
+
+    def train_step(self, batches: Any, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> bool:
+        """One optimizer step over train.grad_accum micro-batches; returns 'preemption requested'."""
+        cfg = self.cfg
+        accum = cfg.train.grad_accum
+        lr = lr_at(self.state.step, epoch, cfg.optim, cfg.train.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        alpha = alpha_at(epoch, step_in_epoch, steps_per_epoch, cfg.loss.alpha, cfg.loss.alpha_warmup)
+
+        outputs, images, data_wait = [], 0, 0.0
+        for i in range(accum):
+            start = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - start
+            self.skips.update(batch)
+            if len(batch["images"]) == 0:  # every sample of the micro-batch was unusable
+                if self.dist.world_size > 1:
+                    raise TrainingError(
+                        f"a whole batch of {cfg.train.batch_size} samples was unusable on rank "
+                        f"{self.dist.rank} (see the warnings above): fix or remove the bad files")
+                continue
+            batch = to_device(batch, self.device)
+            images += len(batch["images"])
+            last = i == accum - 1
+            with self.ddp_model.no_sync() if self.dist.world_size > 1 and not last else nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    out = self.task.forward_step(self.ddp_model, batch, alpha)
+                loss = out["loss"] / accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            outputs.append(out)
+
+        if self.scaler is not None and outputs:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._grad_norm()
+        terms = sorted(k for k, v in (outputs[0] if outputs else {}).items() if k.startswith("loss"))
+        bad_terms, bad_grad, preempted = self._agree(outputs, terms, grad_norm)
+
+        scalars: dict[str, torch.Tensor] = {}
+        if bad_terms or bad_grad:
+            self._skip_step(bad_terms, overflow=self.scaler is not None and not bad_terms)
+        elif not outputs:  # nothing usable to learn from
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.task.after_optimizer_step(self.model, outputs)
+            self.consecutive_nonfinite = 0
+            scalars = {k: sum(o[k].detach() for o in outputs) / len(outputs) for k, v in outputs[0].items()
+                       if torch.is_tensor(v) and v.ndim == 0}
+            scalars["grad_norm"] = grad_norm
+        self.logger.update(scalars, images * self.dist.world_size, data_wait)
+        self.state.step += 1
+
+        if self.logger.should_log(self.state.step):
+            skipped = sum(self.skips.all_reduce().counts.values())
+            self.logger.log(self.state.step, epoch, {
+                "lr": lr, "alpha": alpha, "skipped_steps": self.state.nonfinite_steps,
+                "skipped_samples": skipped,
+            })
+        return preempted
+
+    def _grad_norm(self) -> torch.Tensor:
+        if self.cfg.train.clip_grad is not None:
+            return nn.utils.clip_grad_norm_(self.params, self.cfg.train.clip_grad)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+
+    def _agree(self, outputs: list[dict[str, Any]], terms: list[str],
+               grad_norm: torch.Tensor) -> tuple[list[str], bool, bool]:
+        """The step's single sync: every rank learns (non-finite terms, non-finite grads, preempt)."""
+        flags = [~torch.isfinite(sum(o[k].detach().float() for o in outputs)) for k in terms]
+        flags.append(~torch.isfinite(grad_norm.float()))
+        flags.append(torch.tensor(self.preemption.requested, device=self.device))
+        flags = torch.stack(flags).float()
+        if self.dist.world_size > 1:
+            torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
+        values = flags.tolist()
+        bad_terms = [k for k, bad in zip(terms, values) if bad]
+        return bad_terms, bool(values[-2]), bool(values[-1])
+
+    def _skip_step(self, bad_terms: list[str], overflow: bool) -> None:
+        """Drop this step's gradients; EMA and queues stay untouched.
+
+        fp16 overflows (finite losses, infinite scaled grads) only lower the loss scale; every
+        other non-finite step counts towards train.max_nonfinite consecutive skips.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
+        if overflow:
+            return
+        named = [t for t in bad_terms if t != "loss"] or bad_terms or ["grad_norm"]
+        self.state.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        self.logger.event(self.state.step + 1, "nonfinite_skip", terms=",".join(named),
+                          consecutive=self.consecutive_nonfinite)
+        if self.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
+            raise TrainingError(
+                f"non-finite {' and '.join(named)} for {self.consecutive_nonfinite} consecutive steps "
+                f"(train.max_nonfinite={self.cfg.train.max_nonfinite}) at step {self.state.step + 1}; "
+                f"the last good checkpoint is in {self.ckpt_dir}: lower optim.lr or set train.clip_grad")
+
+    def _total_steps(self, steps_per_epoch: int) -> int:
+        total = steps_per_epoch * self.cfg.train.epochs
+        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
+
+    # ------------------------------------------------------------------------- bad data, checkpoints
+
+    def _check_bad_samples(self, epoch: int) -> None:
+        """Report the bad samples so far; stop (after the epoch's checkpoint) when they exceed
+        data.max_bad_fraction."""
+        skips = self.skips.all_reduce()
+        if skips.counts:
+            self.logger.event(self.state.step, "bad_samples", epoch=epoch, report=skips.report())
+        skips.check(self.cfg.data.max_bad_fraction)
+
+    def save(self) -> Path | None:
+        """Checkpoint written by rank 0; every rank contributes its RNG state and waits for it."""
+        skips = self.skips.all_reduce()
+        rngs = gather_objects(rng_state(), self.dist.world_size)
+        path = None
+        if self.is_main:
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "train_state": vars(self.state).copy(),
+                "skips": skips.state_dict(),
+                "rng": rngs,
+                "config": self.cfg.to_dict(),
+            }
+            path = save_checkpoint(state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last)
+        if self.dist.world_size > 1:
+            torch_dist.barrier()
+        return path
+
+
+def train(cfg: Config, task: Task, dist: DistInfo, resume: str | None = None) -> int:
+    """Build a Trainer and run it; returns the process exit code (0 or PREEMPTED_EXIT_CODE)."""
+    return Trainer(cfg, task, dist, resume).fit()

@@ -1,0 +1,83 @@
+"""ALBEF pretraining task: image-caption pairs, ITC + ITM + MLM with momentum distillation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from albef.config import Config
+from albef.data.collate import Collator
+from albef.data.datasets import CaptionDataset, build_train_loader, set_epoch, webdataset_pipeline
+from albef.data.transforms import train_transform
+from albef.dist import DistInfo
+from albef.models import build_model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+class PretrainTask:
+    """Supplies the engine with the ALBEF model, the caption data and the pretraining step."""
+
+    def __init__(self) -> None:
+        self.loader: DataLoader | None = None  # built once: its workers persist across epochs
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        return build_model(cfg)
+
+    def build_train_loader(
+        self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
+    ) -> tuple[Iterable[dict[str, Any]], int]:
+        """The loader positioned at `consumed` global samples into `epoch`, and the number of
+        micro-batches one rank draws in a full epoch."""
+        if self.loader is None:
+            self.loader = self._make_loader(cfg, dist)
+        set_epoch(self.loader, epoch, consumed)
+        return self.loader, self._batches_per_epoch(cfg, dist)
+
+    def _make_loader(self, cfg: Config, dist: DistInfo) -> DataLoader:
+        d = cfg.data
+        transform = train_transform(
+            cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip
+        )
+        if d.format == "wds":
+            dataset = webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples)
+        else:
+            dataset = CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.text.tokenizer or cfg.model.text.bert)
+        return build_train_loader(
+            dataset, Collator(tokenizer, d.max_tokens), batch_size=cfg.train.batch_size,
+            num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
+
+    def _batches_per_epoch(self, cfg: Config, dist: DistInfo) -> int:
+        batch_size = cfg.train.batch_size
+        if cfg.data.format == "wds":  # each worker yields its share of num_samples, batched apart
+            workers = max(1, cfg.data.num_workers)
+            per_worker = math.ceil(cfg.data.num_samples / (dist.world_size * workers))
+            return workers * (per_worker // batch_size)
+        return len(self.loader.dataset) // dist.world_size // batch_size
+
+    def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, ids=batch["ids"])
+        out["temp"] = unwrap(model).temp.detach()
+        return out
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
+        """EMA of the momentum encoders, then enqueue every micro-batch's momentum features."""
+        model.momentum_update()
+        updates = [out["queue_update"] for out in outputs if "queue_update" in out]
+        if updates:
+            model.enqueue(*(torch.cat(parts) for parts in zip(*updates)))
+
+    def find_unused_parameters(self, cfg: Config) -> bool:
+        """A disabled loss term leaves its head (ITM head, MLM head) without gradients."""
+        weights = cfg.loss.weights
+        return min(weights.itc, weights.itm, weights.mlm) == 0
