@@ -3,7 +3,8 @@
     albef-pretrain --config configs/pretrain.yaml [--output-dir DIR] [--resume auto|PATH] \
         [key.sub=value ...]
 
-Exit codes: 0 done, 1 training stopped (non-finite losses, too much bad data), 2 bad config or
+Exit codes: 0 done, 1 training stopped (non-finite losses, too much bad data, a resume or
+checkpoint file that cannot be read or written), 2 bad config or
 arguments (reported before any process group, data loading or GPU allocation),
 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGUSR1 after saving a checkpoint.
 """
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # found late, e.g. by the data pipeline
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except (TrainingError, BadDataError) as e:
+    except (TrainingError, BadDataError, CheckpointError) as e:  # also a refused resume file
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -34,6 +34,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import tarfile
 import zlib
 from collections import Counter
@@ -522,6 +523,18 @@ def build_eval_loader(
     return _loader(dataset, collator, None, batch_size, num_workers, 0, drop_last=False)
 
 
+def _restore_default(signum: int, frame: Any) -> None:
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def _absorb_group_signals(worker_id: int) -> None:
+    """Worker init: a SIGTERM/SIGUSR1 sent to the whole process group (a scheduler's preemption
+    notice) is for the main process, which saves a checkpoint and then stops the workers; a
+    second SIGTERM (`Process.terminate()`) still ends the worker."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _restore_default)
+
+
 def _loader(dataset, collator, sampler, batch_size, num_workers, seed, drop_last) -> DataLoader:
     if num_workers > 0:  # the tokenizer runs in the workers; its own thread pool would fight them
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -535,6 +548,7 @@ def _loader(dataset, collator, sampler, batch_size, num_workers, seed, drop_last
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_absorb_group_signals,
     )
 
 
