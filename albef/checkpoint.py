@@ -8,7 +8,9 @@ numbers, strings, lists, tuples and dicts (store e.g. numpy RNG state as a tenso
 Layout written by the engine: `ckpt_dir/step_XXXXXXXX.pt`, each written to a temp name in the
 same directory, fsynced and renamed, then the pointer file `ckpt_dir/latest` (the name of the
 newest step file) is replaced last. A crash at any point leaves the previous checkpoint and
-pointer intact.
+pointer intact. FSDP runs write `step_XXXXXXXX.dcp/` directories instead (torch.distributed.checkpoint
+shards plus `trainer_state.pt`, see albef/engine/fsdp.py): written under a temp name, renamed
+whole by `publish_checkpoint_dir`, then the same pointer and pruning rules apply.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import socket
 import warnings
 import zipfile
@@ -34,12 +37,15 @@ from timm.layers import resample_abs_pos_embed
 __all__ = [
     "CheckpointError", "LoadReport", "load_checkpoint_file", "save_checkpoint", "find_latest",
     "checkpoint_dir", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
-    "save_pretrained",
+    "save_pretrained", "tmp_checkpoint_dir", "publish_checkpoint_dir", "is_dcp_checkpoint",
+    "DCP_TRAINER_STATE",
 ]
 
 LATEST = "latest"
-_STEP_RE = re.compile(r"step_(\d+)\.pt")
-_TMP_RE = re.compile(r"\.(?:step_\d+\.pt|latest)\.(?P<host>.+)\.(?P<pid>\d+)\.tmp")
+_STEP_RE = re.compile(r"step_(\d+)\.(?:pt|dcp)")
+_TMP_RE = re.compile(r"\.(?:step_\d+\.(?:pt|dcp(?:\.old)?)|latest)\.(?P<host>.+)\.(?P<pid>\d+)\.tmp")
+DCP_TRAINER_STATE = "trainer_state.pt"  # rank 0's non-tensor state inside a .dcp directory
+_DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint once every shard is saved
 
 # ALBEF retrieval/VQA checkpoints hold the text encoder as a BertModel (no `.bert.`, no MLM head).
 _BERT_MODEL_RE = re.compile(r"^(text_encoder(?:_m)?)\.(embeddings|encoder)\.")
@@ -100,7 +106,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     On any OSError the temp file is removed, `path` keeps its previous content, and a
     CheckpointError naming `path` is raised.
     """
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -127,7 +133,10 @@ def _fsync_dir(directory: Path) -> None:
 
 def _remove(path: Path) -> None:
     try:
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     except OSError as err:
         warnings.warn(f"could not remove {path}: {err.strerror or err}", stacklevel=3)
 
@@ -155,10 +164,46 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike, step: in
     return path
 
 
+def tmp_checkpoint_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh temp directory name for the checkpoint of `step` (`publish_checkpoint_dir` renames it)."""
+    return _tmp_name(Path(ckpt_dir) / f"step_{step:08d}.dcp")
+
+
+def publish_checkpoint_dir(tmp: str | os.PathLike, trainer_state: dict[str, Any],
+                           ckpt_dir: str | os.PathLike, step: int, keep_last: int) -> Path:
+    """Add `trainer_state` to the completely written shard directory `tmp`, rename it to
+    `ckpt_dir/step_{step:08d}.dcp`, point `latest` at it and prune as `save_checkpoint` does.
+    Call it on one rank only."""
+    ckpt_dir, tmp = Path(ckpt_dir), Path(tmp)
+    path = ckpt_dir / f"step_{step:08d}.dcp"
+    _atomic_write(tmp / DCP_TRAINER_STATE, lambda f: torch.save(trainer_state, f))
+    old = _tmp_name(path.with_name(f"{path.name}.old"))  # same step, written by an earlier attempt
+    try:
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(ckpt_dir)
+    except OSError as err:
+        raise CheckpointError(f"could not write {path}: {err.strerror or err}") from err
+    _remove(old)
+    _atomic_write(ckpt_dir / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
+    _prune(ckpt_dir, keep_last)
+    return path
+
+
+def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a `step_*.dcp` directory (complete or not)."""
+    return Path(path).suffix == ".dcp" and Path(path).is_dir()
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def _step_files(ckpt_dir: Path) -> list[Path]:
-    """Renamed (hence complete when written) step files, oldest first."""
+    """Renamed (hence complete when written) step files and .dcp directories, oldest first."""
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
-             if (m := _STEP_RE.fullmatch(p.name)) and p.is_file()]
+             if (m := _STEP_RE.fullmatch(p.name)) and (p.is_dir() if p.suffix == ".dcp" else p.is_file())]
     return [p for _, p in sorted(found)]
 
 
@@ -199,7 +244,10 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def _is_complete(path: Path) -> bool:
-    """True when `path` is an intact torch zip archive (central directory and CRCs check)."""
+    """True when `path` is an intact torch zip archive (central directory and CRCs check), or a
+    .dcp directory with DCP's metadata and an intact trainer state."""
+    if path.suffix == ".dcp":
+        return (path / _DCP_METADATA).is_file() and _is_complete(path / DCP_TRAINER_STATE)
     try:
         with zipfile.ZipFile(path) as zf:
             return zf.testzip() is None
@@ -208,7 +256,8 @@ def _is_complete(path: Path) -> bool:
 
 
 def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` names if intact, else the newest intact `step_*.pt`, else None.
+    """The checkpoint `latest` names if intact, else the newest intact `step_*.pt` or
+    `step_*.dcp/`, else None.
 
     Temp files are never candidates; a damaged file is skipped with a warning naming it.
     """
@@ -243,10 +292,16 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
     if resume == "auto":
         return find_latest(checkpoint_dir(output_dir))
     path = Path(resume)
+    if is_dcp_checkpoint(path):
+        if not _is_complete(path):
+            raise CheckpointError(f"--resume {path}: incomplete .dcp checkpoint (no {_DCP_METADATA} "
+                                  f"or {DCP_TRAINER_STATE}); resume from an older one")
+        return path
     if path.is_dir():
         found = find_latest(path) or find_latest(checkpoint_dir(path))
         if found is None:
-            raise CheckpointError(f"--resume {path}: no intact step_*.pt checkpoint in it")
+            raise CheckpointError(f"--resume {path}: no intact step_*.pt or step_*.dcp "
+                                  "checkpoint in it")
         return found
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such file (use --resume auto to continue "

@@ -24,10 +24,13 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from albef.checkpoint import checkpoint_dir, load_checkpoint_file, resolve_resume, save_checkpoint
+from albef.checkpoint import (checkpoint_dir, is_dcp_checkpoint, load_checkpoint_file, resolve_resume,
+                              save_checkpoint)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.dist import DistInfo
+from albef.engine.fsdp import (clip_sharded_grads, gradient_sync, load_dcp_checkpoint, load_full_checkpoint,
+                               replicated_params, save_dcp_checkpoint, shard_model, sync_replicated_grads)
 from albef.engine.logging import MetricLogger
 from albef.engine.optim import build_optimizer
 from albef.engine.schedule import alpha_at, lr_at
@@ -152,8 +155,9 @@ class Trainer:
     """Holds the objects of one run; `fit()` is the loop."""
 
     def __init__(self, cfg: Config, task: Task, dist: DistInfo, resume: str | None = None) -> None:
-        if cfg.train.strategy != "ddp":
-            raise ConfigError(f"train.strategy: '{cfg.train.strategy}' is not supported by this engine; use 'ddp'")
+        if cfg.train.strategy == "fsdp" and resolve_precision(cfg.train.precision, dist.device) == torch.float16:
+            raise ConfigError("train.precision: 'fp16' is not supported with train.strategy: 'fsdp' (the loss "
+                              "scaler does not handle sharded gradients); use bf16 or fp32")
         self.cfg, self.task, self.dist = cfg, task, dist
         self.device = dist.device
         self.is_main = dist.rank == 0
@@ -165,7 +169,11 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         seed_everything(cfg.seed)  # identical initial weights and queues on every rank
         self.model = task.build_model(cfg).to(self.device)
+        self.sharded = cfg.train.strategy == "fsdp" and dist.world_size > 1  # one rank: nothing to shard
+        if self.sharded:
+            shard_model(self.model, self.device, self.amp_dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.replicated = replicated_params(self.model) if self.sharded else []
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.state = TrainState()
@@ -174,7 +182,7 @@ class Trainer:
 
         checkpoint = self._load(resume)
         self.ddp_model = self.model
-        if dist.world_size > 1:
+        if dist.world_size > 1 and not self.sharded:
             self.ddp_model = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -193,9 +201,15 @@ class Trainer:
         path = resolve_resume(resume, self.cfg.output_dir) if resume else None
         if path is None:
             return None
-        checkpoint = load_checkpoint_file(path)
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if is_dcp_checkpoint(path):  # any strategy and world size: DCP reshards
+            checkpoint = load_dcp_checkpoint(path, self.model, self.optimizer)
+        elif self.sharded:
+            checkpoint = load_checkpoint_file(path)
+            load_full_checkpoint(checkpoint, self.model, self.optimizer)
+        else:
+            checkpoint = load_checkpoint_file(path)
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(**checkpoint["train_state"])
@@ -270,12 +284,14 @@ class Trainer:
             batch = to_device(batch, self.device)
             images += len(batch["images"])
             last = i == accum - 1
-            with self.ddp_model.no_sync() if self.dist.world_size > 1 and not last else nullcontext():
+            with self._no_sync() if self.dist.world_size > 1 and not last else nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     out = self.task.forward_step(self.ddp_model, batch, alpha)
                 loss = out["loss"] / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             outputs.append(out)
+        if self.replicated:
+            sync_replicated_grads(self.replicated)
 
         if self.scaler is not None and outputs:
             self.scaler.unscale_(self.optimizer)
@@ -311,7 +327,13 @@ class Trainer:
             })
         return preempted
 
+    def _no_sync(self) -> Any:
+        """Skip the gradient reduction of a non-final micro-batch."""
+        return gradient_sync(self.model, False) if self.sharded else self.ddp_model.no_sync()
+
     def _grad_norm(self) -> torch.Tensor:
+        if self.sharded:
+            return clip_sharded_grads(self.params, self.cfg.train.clip_grad, self.device)
         if self.cfg.train.clip_grad is not None:
             return nn.utils.clip_grad_norm_(self.params, self.cfg.train.clip_grad)
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -367,20 +389,23 @@ class Trainer:
         skips.check(self.cfg.data.max_bad_fraction)
 
     def save(self) -> Path | None:
-        """Checkpoint written by rank 0; every rank contributes its RNG state and waits for it."""
+        """Checkpoint written by rank 0 (FSDP: a .dcp directory written by every rank); every
+        rank contributes its RNG state and waits for it."""
         skips = self.skips.all_reduce()
         rngs = gather_objects(rng_state(), self.dist.world_size)
+        state = {
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "train_state": vars(self.state).copy(),
+            "skips": skips.state_dict(),
+            "rng": rngs,
+            "config": self.cfg.to_dict(),
+        }
+        if self.cfg.train.strategy == "fsdp":
+            return save_dcp_checkpoint(self.model, self.optimizer, state, self.ckpt_dir, self.state.step,
+                                       self.cfg.train.keep_last)
         path = None
         if self.is_main:
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "train_state": vars(self.state).copy(),
-                "skips": skips.state_dict(),
-                "rng": rngs,
-                "config": self.cfg.to_dict(),
-            }
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
             path = save_checkpoint(state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last)
         if self.dist.world_size > 1:
             torch_dist.barrier()
