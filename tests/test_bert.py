@@ -1,30 +1,14 @@
 """Our BERT text/fusion encoder against transformers' BertModel, fusion mode and weight loading."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForMaskedLM, BertModel
+from transformers import BertForMaskedLM, BertModel
 
 from albef.models.bert import TextEncoder
+from conftest import write_tiny_bert
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(43)]
 IMAGE_WIDTH = 24
-
-
-def write_tiny_bert(path: Path, hf_class=None, **config) -> Path:
-    """A tiny HF BERT dir: config.json + WordPiece vocab.txt (+ weights of `hf_class`)."""
-    path.mkdir(parents=True, exist_ok=True)
-    settings = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                    intermediate_size=64, max_position_embeddings=32)
-    bert_config = BertConfig(**{**settings, **config})
-    bert_config.save_pretrained(path)
-    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    if hf_class is not None:
-        torch.manual_seed(0)
-        hf_class(bert_config).save_pretrained(path)
-    return path
 
 
 def _batch():

@@ -7,8 +7,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from albef import dist
-from test_bert import write_tiny_bert
-from test_model import make_batch, make_model
+from conftest import make_batch, make_model, write_tiny_bert
 
 
 def test_single_process_helpers_are_identity():

@@ -7,51 +7,15 @@ import pytest
 import timm
 import torch
 
-from albef.config import Config
 from albef.models import build_model
-from albef.models.albef import ALBEF, TokenIds, mask_tokens, sample_negatives
+from albef.models.albef import ALBEF, mask_tokens, sample_negatives
 from albef.models.bert import TextEncoder
 from albef.models.vision import build_vision_encoder
-from test_bert import write_tiny_bert
+from conftest import TOKENS, make_batch, make_model, tiny_config, write_tiny_bert
 
 torch.set_num_threads(2)
 ALBEF_ORIGINAL = Path(__file__).resolve().parents[2] / "shared" / "albef_original"
-TOKENS = TokenIds(pad=0, cls=2, sep=3, mask=4)
 EXPECTED_KEYS = {"loss", "loss_itc", "loss_itm", "loss_mlm", "itc_ce", "itc_kl", "itc_entropy", "queue_update"}
-
-
-def tiny_config(tmp_path: Path, weights: dict | None = None, **loss) -> Config:
-    cfg = Config()
-    vision = cfg.model.vision
-    vision.image_size, vision.patch_size, vision.embed_dim, vision.depth, vision.num_heads, vision.mlp_ratio = (
-        32, 8, 24, 1, 2, 2.0)
-    text = cfg.model.text
-    bert_dir = tmp_path / "bert"
-    text.bert = str(bert_dir if bert_dir.exists() else write_tiny_bert(bert_dir))
-    text.pretrained, text.fusion_layer = False, 2
-    cfg.model.embed_dim, cfg.model.queue_size = 16, 8
-    for key, value in (weights or {}).items():
-        setattr(cfg.loss.weights, key, value)
-    for key, value in loss.items():
-        setattr(cfg.loss, key, value)
-    return cfg
-
-
-def make_model(tmp_path: Path, weights: dict | None = None, **loss) -> ALBEF:
-    torch.manual_seed(0)
-    return build_model(tiny_config(tmp_path, weights, **loss))
-
-
-def make_batch(batch_size: int = 3, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, 32, 32, generator=gen)
-    ids = torch.randint(5, 48, (batch_size, 9), generator=gen)
-    ids[:, 0] = TOKENS.cls
-    lengths = torch.tensor([9, 6, 4, 7, 9, 5])[:batch_size]
-    positions = torch.arange(9)
-    ids[positions[None] == lengths[:, None] - 1] = TOKENS.sep
-    ids[positions[None] >= lengths[:, None]] = TOKENS.pad
-    return images, ids, (ids != TOKENS.pad).long()
 
 
 def test_forward_backward_returns_every_term(tmp_path):
