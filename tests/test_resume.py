@@ -23,11 +23,11 @@ def corpus(tmp_path_factory):
                            image_size=32, captions_per_image=2)
 
 
-def run(corpus, output_dir, max_steps, resume=None) -> Trainer:
+def run(corpus, output_dir, max_steps, resume=None, batch_size=4) -> Trainer:
     cfg = load_config(str(CONFIG), [
         f"output_dir={output_dir}", f"data.train_files=[{corpus['train']}]",
         f"data.image_root={corpus['image_root']}", f"model.text.bert={corpus['bert']}",
-        "train.batch_size=4", "train.epochs=3", f"train.max_steps={max_steps}",
+        f"train.batch_size={batch_size}", "train.epochs=3", f"train.max_steps={max_steps}",
         "train.log_every=100", "train.ckpt_every=100", "data.num_workers=0",
     ])
     torch.manual_seed(1234)  # the trainer must not depend on the caller's RNG
@@ -67,3 +67,11 @@ def test_resume_mid_epoch_and_at_epoch_end_is_exact(corpus, tmp_path):
     assert int(model["queue_ptr"]) != 0
     assert_same(model, reference, "model")
     assert_same(resumed.optimizer.state_dict(), straight.optimizer.state_dict(), "optimizer")
+
+
+def test_resume_with_a_larger_batch_finishes_the_epoch_without_running_dry(corpus, tmp_path):
+    """20 of the epoch's 24 samples were consumed at batch 4; at batch 8 less than one step is
+    left, so the resumed run starts the next epoch instead of asking the loader for more."""
+    run(corpus, tmp_path / "run", max_steps=5)
+    resumed = run(corpus, tmp_path / "run", max_steps=7, resume="auto", batch_size=8)
+    assert (resumed.state.epoch, resumed.state.step, resumed.state.consumed) == (1, 7, 16)

@@ -151,6 +151,16 @@ class PreemptionFlag:
 # ----------------------------------------------------------------------------- the trainer
 
 
+def _remaining_steps(loader: Any, accum: int, fallback: int) -> int:
+    """Optimizer steps left in the epoch: a map-style loader positioned after the samples already
+    consumed knows its length (also when the world size or batch size changed since they were
+    consumed); a stream does not, and resumes at the same world size (`fallback`)."""
+    try:
+        return len(loader) // accum
+    except TypeError:
+        return fallback
+
+
 class Trainer:
     """Holds the objects of one run; `fit()` is the loop."""
 
@@ -237,11 +247,16 @@ class Trainer:
                         f"epoch {epoch} has {batches_per_epoch} batches per rank, fewer than "
                         f"train.grad_accum={accum}: add data or lower train.batch_size")
                 self.logger.total_steps = self._total_steps(steps_per_epoch)
+                first = self.state.consumed // samples_per_step
+                remaining = _remaining_steps(loader, accum, steps_per_epoch - first)
+                if remaining <= 0:  # resumed with less than one step of this epoch left
+                    self.state.epoch, self.state.consumed = epoch + 1, 0
+                    continue
                 batches = iter(loader)
-                for step_in_epoch in range(self.state.consumed // samples_per_step, steps_per_epoch):
-                    preempted = self.train_step(batches, epoch, step_in_epoch, steps_per_epoch)
+                for i in range(remaining):
+                    preempted = self.train_step(batches, epoch, first + i, steps_per_epoch)
                     self.state.consumed += samples_per_step
-                    end_of_epoch = step_in_epoch + 1 == steps_per_epoch
+                    end_of_epoch = i + 1 == remaining
                     if end_of_epoch:
                         self.state.epoch, self.state.consumed = epoch + 1, 0
                     finished = cfg.max_steps is not None and self.state.step >= cfg.max_steps
