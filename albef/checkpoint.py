@@ -415,6 +415,22 @@ def _match_pos_embed(state: dict, target: dict, report: LoadReport) -> None:
                             f"{new[0]}x{new[1]} patch grid")
 
 
+def load_training_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Strict load of a training checkpoint's model state (resume must be exact); a checkpoint of
+    another architecture fails in one line naming the mismatching keys and shapes."""
+    target = model.state_dict()
+    problems = [f"missing {k}" for k in sorted(target.keys() - state.keys())]
+    problems += [f"unexpected {k}" for k in sorted(state.keys() - target.keys())]
+    problems += [f"{k}: checkpoint {list(state[k].shape)} vs model {list(target[k].shape)}"
+                 for k in sorted(target.keys() & state.keys()) if state[k].shape != target[k].shape]
+    if problems:
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointError(
+            f"{path}: does not fit this model ({'; '.join(problems[:5])}{more}); resume with the config "
+            "the run was started with (its config.yaml) or use a new output_dir")
+    model.load_state_dict(state)
+
+
 def match_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                      skip: Iterable[str] = (), source: str = "checkpoint"
                      ) -> tuple[dict[str, torch.Tensor], LoadReport]:

@@ -75,3 +75,19 @@ def test_resume_with_a_larger_batch_finishes_the_epoch_without_running_dry(corpu
     run(corpus, tmp_path / "run", max_steps=5)
     resumed = run(corpus, tmp_path / "run", max_steps=7, resume="auto", batch_size=8)
     assert (resumed.state.epoch, resumed.state.step, resumed.state.consumed) == (1, 7, 16)
+
+
+def test_resuming_with_another_architecture_fails_in_one_line(corpus, tmp_path):
+    from albef.checkpoint import CheckpointError
+
+    run(corpus, tmp_path / "run", max_steps=1)
+    cfg = load_config(str(CONFIG), [
+        f"output_dir={tmp_path / 'run'}", f"data.train_files=[{corpus['train']}]",
+        f"data.image_root={corpus['image_root']}", f"model.text.bert={corpus['bert']}",
+        "model.embed_dim=48", "data.num_workers=0",
+    ])
+    with pytest.raises(CheckpointError) as info:
+        Trainer(cfg, PretrainTask(), CPU, resume="auto")
+    message = str(info.value)
+    assert "\n" not in message and "does not fit this model" in message
+    assert ": checkpoint [" in message and "model [48" in message and "config.yaml" in message

@@ -24,8 +24,8 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from albef.checkpoint import (checkpoint_dir, is_dcp_checkpoint, load_checkpoint_file, resolve_resume,
-                              save_checkpoint)
+from albef.checkpoint import (checkpoint_dir, is_dcp_checkpoint, load_checkpoint_file, load_training_state,
+                              resolve_resume, save_checkpoint)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.dist import DistInfo
@@ -169,6 +169,10 @@ class Trainer:
             raise ConfigError("train.precision: 'fp16' is not supported with train.strategy: 'fsdp' (the loss "
                               "scaler does not handle sharded gradients); use bf16 or fp32")
         self.cfg, self.task, self.dist = cfg, task, dist
+        # Listen for preemption from the start: a notice that arrives while the model, data or
+        # checkpoint are loading is honoured at the first step boundary.
+        self.preemption = PreemptionFlag()
+        self.preemption.install()
         self.device = dist.device
         self.is_main = dist.rank == 0
         self.output_dir = Path(cfg.output_dir)
@@ -205,7 +209,6 @@ class Trainer:
         else:
             seed_everything(cfg.seed + dist.rank + self.state.step)
         self.logger = MetricLogger(self.output_dir, enabled=self.is_main, log_every=cfg.train.log_every)
-        self.preemption = PreemptionFlag()
 
     def _load(self, resume: str | None) -> dict[str, Any] | None:
         path = resolve_resume(resume, self.cfg.output_dir) if resume else None
@@ -218,7 +221,7 @@ class Trainer:
             load_full_checkpoint(checkpoint, self.model, self.optimizer)
         else:
             checkpoint = load_checkpoint_file(path)
-            self.model.load_state_dict(checkpoint["model"])
+            load_training_state(self.model, checkpoint["model"], path)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -234,7 +237,6 @@ class Trainer:
         """Train to the end (or train.max_steps); returns 0, or PREEMPTED_EXIT_CODE."""
         cfg, accum = self.cfg.train, self.cfg.train.grad_accum
         samples_per_step = cfg.batch_size * self.dist.world_size * accum
-        self.preemption.install()
         self.ddp_model.train()
         try:
             while self.state.epoch < cfg.epochs:
