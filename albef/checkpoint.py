@@ -38,7 +38,7 @@ __all__ = [
     "CheckpointError", "LoadReport", "load_checkpoint_file", "save_checkpoint", "find_latest",
     "checkpoint_dir", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
     "save_pretrained", "tmp_checkpoint_dir", "publish_checkpoint_dir", "is_dcp_checkpoint",
-    "DCP_TRAINER_STATE",
+    "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state",
 ]
 
 LATEST = "latest"
@@ -398,9 +398,20 @@ def _match_queues(state: dict, target: dict, report: LoadReport) -> None:
         report.notes.append("idx_queue not in checkpoint (ALBEF pretraining): initialised empty")
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int] | list[int],
+                       num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resample a ViT position embedding [1, prefix + n*n, W] to a `grid` of patches, bicubic
+    without antialiasing as ALBEF's `interpolate_pos_embed` (fp32 math, dtype kept)."""
+    num_patches = pos_embed.shape[1] - num_prefix_tokens
+    if num_patches == grid[0] * grid[1]:
+        return pos_embed
+    old = _grid(num_patches, "pos_embed", "position embedding")
+    return resample_abs_pos_embed(pos_embed.float(), new_size=list(grid), old_size=old,
+                                  num_prefix_tokens=num_prefix_tokens, antialias=False).to(pos_embed.dtype)
+
+
 def _match_pos_embed(state: dict, target: dict, report: LoadReport) -> None:
-    """Resample ViT position embeddings (one class token) to the model's patch grid, bicubic
-    without antialiasing as ALBEF's `interpolate_pos_embed`."""
+    """Resample ViT position embeddings (one class token) to the model's patch grid."""
     for key, want in target.items():
         have = state.get(key)
         if (not key.endswith("pos_embed") or have is None or have.shape == want.shape
@@ -408,8 +419,7 @@ def _match_pos_embed(state: dict, target: dict, report: LoadReport) -> None:
             continue
         old = _grid(have.shape[1] - 1, key, report.source)
         new = _grid(want.shape[1] - 1, key, report.source)
-        state[key] = resample_abs_pos_embed(have.float(), new_size=new, old_size=old,
-                                            num_prefix_tokens=1, antialias=False).to(have.dtype)
+        state[key] = resample_pos_embed(have, new)
         report.resampled.append(key)
         report.notes.append(f"{key}: resampled from a {old[0]}x{old[1]} to a "
                             f"{new[0]}x{new[1]} patch grid")

@@ -86,3 +86,19 @@ def pretrain_config(corpus: dict[str, str], output_dir: Path, *overrides: str) -
         f"data.image_root={corpus['image_root']}", f"model.text.bert={corpus['bert']}",
         "data.num_workers=0", *overrides,
     ])
+
+
+def assert_same(a, b, where: str = "state") -> None:
+    """Recursive exact equality of nested checkpoint-like structures, naming the first difference."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

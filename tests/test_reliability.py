@@ -23,6 +23,7 @@ from albef import pretrain
 from albef.checkpoint import find_latest, load_checkpoint_file
 from albef.data.synthetic import generate_corpus
 from albef.engine.trainer import PREEMPTED_EXIT_CODE
+from conftest import assert_same
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,21 +185,6 @@ def latest_step(output_dir: Path) -> int:
 def resumed_step(run: Run) -> int:
     (line,) = [line for line in run.output().splitlines() if line.startswith("resumed from")]
     return int(line.rsplit("step ", 1)[1].rstrip(")"))
-
-
-def assert_same(a, b, where: str) -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 # ----------------------------------------------------------------------------- kills and preemption

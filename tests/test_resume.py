@@ -11,6 +11,7 @@ from albef.data.synthetic import generate_corpus
 from albef.dist import DistInfo
 from albef.engine.trainer import Trainer
 from albef.tasks.pretrain import PretrainTask
+from conftest import assert_same
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
@@ -34,21 +35,6 @@ def run(corpus, output_dir, max_steps, resume=None, batch_size=4) -> Trainer:
     trainer = Trainer(cfg, PretrainTask(), CPU, resume=resume)
     assert trainer.fit() == 0
     return trainer
-
-
-def assert_same(a, b, where="state"):
-    if torch.is_tensor(a):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_resume_mid_epoch_and_at_epoch_end_is_exact(corpus, tmp_path):

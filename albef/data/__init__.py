@@ -23,3 +23,10 @@ from .datasets import (
 )
 from .sampler import ResumableDistributedSampler
 from .transforms import eval_transform, train_transform
+
+__all__ = [
+    "AnnotationError", "BadDataError", "BadSample", "CaptionDataset", "Collator",
+    "ResumableDistributedSampler", "SampleError", "ShardStream", "SkipCounter", "build_eval_loader",
+    "build_train_loader", "check_bad_fraction", "eval_transform", "load_annotations", "pre_caption",
+    "read_image", "set_epoch", "train_transform", "webdataset_pipeline",
+]

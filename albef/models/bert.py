@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.activations import ACT2FN
 from transformers.utils import cached_file
+
+from albef.checkpoint import load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -344,9 +345,7 @@ def read_bert_weights(name_or_dir: str | Path) -> dict[str, Tensor]:
         path = cached_file(str(name_or_dir), filename, _raise_exceptions_for_missing_entries=False)
         if path is None:
             continue
-        if filename.endswith(".safetensors"):
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_checkpoint_file(path)
     raise FileNotFoundError(
         f"no model.safetensors or pytorch_model.bin for {str(name_or_dir)!r}; "
         "add the weights or set model.text.pretrained=false"

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
+
+from albef.checkpoint import load_checkpoint_file, resample_pos_embed
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,6 @@ def build_vision_encoder(vcfg: Any) -> VisionTransformer:
     return model
 
 
-def resample_pos_embed(pos_embed: Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> Tensor:
-    """Bicubically resample a square-grid pos_embed [1, prefix + n*n, W] to `grid` (as ALBEF)."""
-    if pos_embed.shape[1] == num_prefix_tokens + grid[0] * grid[1]:
-        return pos_embed
-    return resample_abs_pos_embed(
-        pos_embed, new_size=list(grid), num_prefix_tokens=num_prefix_tokens, antialias=False
-    )
-
-
 def _unwrap_state_dict(obj: Any, path: str | Path) -> dict[str, Tensor]:
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj:
@@ -70,7 +61,7 @@ def load_vision_checkpoint(model: VisionTransformer, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.vision.checkpoint={str(path)!r} does not exist; fix the path or set it to null")
-    state_dict = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    state_dict = _unwrap_state_dict(load_checkpoint_file(path), path)
     if "pos_embed" in state_dict:
         grid = tuple(model.patch_embed.grid_size)
         state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], grid, model.num_prefix_tokens)
