@@ -31,7 +31,7 @@ from albef.tasks.retrieval import evaluate_retrieval, format_table
 REPO = Path(albef.__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 PLOT_SCRIPT = REPO / "scripts" / "plot_itc_loss.py"
-QUICK = {"num_train": 600, "num_test": 100, "max_steps": 150}
+QUICK = {"num_train": 1000, "num_test": 100, "max_steps": 300}
 
 
 def corpus_overrides(corpus: Path) -> list[str]:
