@@ -10,14 +10,19 @@ from albef.models.albef import ALBEF, LOSS_TERMS, TokenIds
 from albef.models.bert import TextEncoder
 from albef.models.vision import build_vision_encoder
 
-__all__ = ["ALBEF", "TextEncoder", "TokenIds", "build_model", "build_vision_encoder"]
+__all__ = ["ALBEF", "TextEncoder", "TokenIds", "build_model", "build_tokenizer", "build_vision_encoder"]
+
+
+def build_tokenizer(cfg: Any):
+    """The tokenizer of `model.text.tokenizer`, or of `model.text.bert` when that is unset."""
+    return AutoTokenizer.from_pretrained(cfg.model.text.tokenizer or cfg.model.text.bert)
 
 
 def build_model(cfg: Any) -> ALBEF:
     """ALBEF from `cfg.model` and `cfg.loss`: timm ViT + BERT text/fusion encoder + momentum copies."""
     mcfg, tcfg = cfg.model, cfg.model.text
     tokenizer_name = tcfg.tokenizer or tcfg.bert
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    tokenizer = build_tokenizer(cfg)
 
     visual_encoder = build_vision_encoder(mcfg.vision)
     text_encoder = TextEncoder.from_pretrained(

@@ -8,14 +8,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
 
 from albef.config import Config
 from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_train_loader, set_epoch, webdataset_pipeline
 from albef.data.transforms import train_transform
 from albef.dist import DistInfo
-from albef.models import build_model
+from albef.models import build_model, build_tokenizer
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,7 +50,7 @@ class PretrainTask:
             dataset = webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples)
         else:
             dataset = CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.text.tokenizer or cfg.model.text.bert)
+        tokenizer = build_tokenizer(cfg)
         return build_train_loader(
             dataset, Collator(tokenizer, d.max_tokens), batch_size=cfg.train.batch_size,
             num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)

@@ -16,7 +16,6 @@ from typing import Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoTokenizer
 
 from albef.checkpoint import CheckpointError, checkpoint_dir, find_latest, load_pretrained
 from albef.config import ConfigError, load_config
@@ -24,7 +23,7 @@ from albef.data.captions import pre_caption
 from albef.data.datasets import AnnotationError, SampleError, load_annotations, read_image
 from albef.data.transforms import eval_transform
 from albef.dist import destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed
-from albef.models import build_model
+from albef.models import build_model, build_tokenizer
 
 RECALL_AT = (1, 5, 10)
 # Weights retrieval evaluation never uses: the MLM heads (released ALBEF retrieval checkpoints
@@ -212,7 +211,7 @@ def evaluate_retrieval(model, cfg, device: torch.device | str) -> dict[str, floa
         num_workers=cfg.eval.num_workers,
         pin_memory=device.type == "cuda",
     )
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.text.tokenizer or cfg.model.text.bert)
+    tokenizer = build_tokenizer(cfg)
     was_training = model.training
     model.eval()
     with _autocast(device, cfg.train.precision):
