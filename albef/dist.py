@@ -71,24 +71,26 @@ def max_across_ranks(value: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def gather_rows(t: Tensor) -> tuple[Tensor, list[int]]:
+def gather_rows(t: Tensor, counts: list[int] | None = None) -> tuple[Tensor, list[int]]:
     """Concatenate `t` from all ranks along dim 0 in rank order, and return each rank's row count.
 
     Ranks may hold different numbers of rows (a batch that lost unreadable samples); the other
-    dimensions must agree. One small all_gather of the shapes precedes the data gather.
+    dimensions must agree. Without `counts`, one small all_gather of the shapes (a host sync)
+    precedes the data gather; pass the counts of an earlier gather of the same batch to skip it.
     """
     if not is_distributed():
         return t, [t.shape[0]]
     t = t.contiguous()
-    shape = torch.tensor(t.shape, device=t.device)
-    shapes = [torch.empty_like(shape) for _ in range(get_world_size())]
-    dist.all_gather(shapes, shape)
-    shapes = [s.tolist() for s in shapes]
-    if any(s[1:] != list(t.shape[1:]) for s in shapes):
-        raise RuntimeError(
-            f"all_gather needs the same shape past dim 0 on every rank, got {shapes}; pad variable dimensions"
-        )
-    counts = [s[0] for s in shapes]
+    if counts is None:
+        shape = torch.tensor(t.shape, device=t.device)
+        shapes = [torch.empty_like(shape) for _ in range(get_world_size())]
+        dist.all_gather(shapes, shape)
+        shapes = [s.tolist() for s in shapes]
+        if any(s[1:] != list(t.shape[1:]) for s in shapes):
+            raise RuntimeError(
+                f"all_gather needs the same shape past dim 0 on every rank, got {shapes}; pad variable dimensions"
+            )
+        counts = [s[0] for s in shapes]
     padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, max(counts) - t.shape[0]))
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)

@@ -3,6 +3,10 @@
 Test files import these by name (`from conftest import make_model`) instead of from each other.
 """
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -102,3 +106,21 @@ def assert_same(a, b, where: str = "state") -> None:
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> tuple[str, str]:
+    """Run `torchrun --standalone --nproc_per_node=nproc ARGS` on CPU; returns (stdout, stderr).
+
+    The launcher gets its own process group so that a hang takes its workers down with it.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-4000:]
+    return stdout, stderr

@@ -7,9 +7,6 @@ then reloads the FSDP checkpoint on 2 ranks and the DDP checkpoint into a sharde
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from albef.config import ConfigError, load_config
 from albef.dist import DistInfo
 from albef.engine.trainer import Trainer
 from albef.tasks.pretrain import PretrainTask
+from conftest import run_torchrun
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -69,17 +67,7 @@ def worker(corpus_json: str, root: str) -> None:
 
 
 def run_two_ranks(corpus: dict, root: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           json.dumps(corpus), str(root)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:  # a hang: take torchrun's workers down with it
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-4000:]
+    run_torchrun([__file__, json.dumps(corpus), str(root)])
 
 
 def logged(run: Path) -> list[dict]:

@@ -1,15 +1,12 @@
 """A real 2-process gloo run of `python -m albef.pretrain` under torchrun on the CPU."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from albef.data.synthetic import generate_corpus
+from conftest import run_torchrun
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 
@@ -18,22 +15,12 @@ def test_two_process_pretraining_end_to_end(tmp_path):
     # 8 images x 2 captions = 16 samples = 2 steps of 2 ranks x 4 per epoch; 3 steps cross an epoch
     corpus = generate_corpus(str(tmp_path / "corpus"), num_train=8, num_test=2, image_size=32)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    stdout, _ = run_torchrun([
         "-m", "albef.pretrain", "--config", str(CONFIG), "--output-dir", str(out),
         f"data.train_files=[{corpus['train']}]", f"data.image_root={corpus['image_root']}",
         f"model.text.bert={corpus['bert']}", "train.batch_size=4", "train.epochs=2",
         "train.max_steps=3", "train.log_every=1",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:  # a hang: take torchrun's workers down with it
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-3000:]
+    ])
 
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "event" not in r] == [1, 2, 3]  # rank 0 only

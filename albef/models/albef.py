@@ -318,9 +318,9 @@ class ALBEF(nn.Module):
     @torch.no_grad()
     def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, ids: Tensor) -> None:
         """Push every rank's momentum features (in rank order) into the queues."""
-        feats = dist.all_gather_concat(torch.cat([image_feat_m, text_feat_m], dim=1))
+        feats, counts = dist.gather_rows(torch.cat([image_feat_m, text_feat_m], dim=1))
         image_feat_m, text_feat_m = feats.split(image_feat_m.shape[1], dim=1)
-        ids = dist.all_gather_concat(ids)
+        ids = dist.gather_rows(ids, counts)[0]
         enqueue_(
             [self.image_queue, self.text_queue, self.idx_queue],
             self.queue_ptr,
@@ -333,8 +333,8 @@ def _world_candidates(local: Candidates) -> Candidates:
     image_feat_m, counts = dist.gather_rows(local.image_feat_m)
     return Candidates(
         image_feat_m,
-        dist.all_gather_concat(local.text_feat_m),
-        None if local.ids is None else dist.all_gather_concat(local.ids),
+        dist.gather_rows(local.text_feat_m, counts)[0],
+        None if local.ids is None else dist.gather_rows(local.ids, counts)[0],
         offset=sum(counts[: dist.get_rank()]),
     )
 
