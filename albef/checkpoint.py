@@ -583,7 +583,9 @@ def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: incomplete .dcp checkpoint (no {_DCP_METADATA} or {DCP_TRAINER_STATE})")
     check_dcp_directory(path)
     try:
-        loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(path))
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(path))
     except Exception as err:
         raise CheckpointError(f"{path}: cannot read the model shards ({type(err).__name__}: "
                               f"{_first_line(err)})") from err
