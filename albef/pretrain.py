@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from albef.checkpoint import CheckpointError, resolve_resume
-from albef.config import ConfigError, check_paths, load_config
+from albef.config import ConfigError, check_data_files, check_model_config, check_paths, load_config
 from albef.data.datasets import BadDataError
 from albef.dist import destroy_distributed, init_distributed
 from albef.engine.trainer import TrainingError, train
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir:
             cfg.output_dir = args.output_dir
         check_paths(cfg)
+        check_data_files(cfg)  # annotation and shard files
+        check_model_config(cfg)  # sizes against timm and the BERT config
         resume = resolve_resume(args.resume, cfg.output_dir) if args.resume else None
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

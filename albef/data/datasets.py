@@ -214,6 +214,20 @@ def _check_entry(entry: Any, path: str, i: int) -> list[str]:
     return captions
 
 
+def _read_entries(path: str) -> list[tuple[dict, list[str]]]:
+    """(entry, its captions) for every entry of one annotation file, validated."""
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    return [(entry, _check_entry(entry, path, i)) for i, entry in enumerate(data)]
+
+
+def check_annotation_file(path: str) -> None:
+    """Raise `AnnotationError` (one line naming the file and entry) unless `path` is a valid
+    ALBEF annotation file; reads no image."""
+    _read_entries(path)
+
+
 def load_annotations(files: str | Sequence[str]) -> list[dict]:
     """Read ALBEF annotation files into one flat list of ``{image, caption, id}`` samples.
 
@@ -223,12 +237,7 @@ def load_annotations(files: str | Sequence[str]) -> list[dict]:
     largest integer id, in order of first appearance.
     """
     files = [files] if isinstance(files, str) else list(files)
-    entries = []
-    for path in files:
-        data = _read_json(path)
-        if not isinstance(data, list):
-            raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
-        entries += [(entry, _check_entry(entry, path, i)) for i, entry in enumerate(data)]
+    entries = [item for path in files for item in _read_entries(path)]
 
     given = [e["image_id"] for e, _ in entries if isinstance(e.get("image_id"), int)]
     next_id = max(given, default=-1) + 1
@@ -428,13 +437,21 @@ def webdataset_pipeline(
     list repeats and each worker yields ``num_samples / (world_size * num_workers)`` samples, so
     all ranks run the same number of steps; without it each worker makes one pass over its shards.
     """
+    return ShardStream(shard_urls(shards), transform, max_words, seed, num_samples)
+
+
+def shard_urls(shards: str | Sequence[str]) -> list[str]:
+    """The shard urls of a brace pattern (`data/cc3m-{000000..000331}.tar`) or list; raises
+    FileNotFoundError naming the first local shard that does not exist (remote urls and `pipe:`
+    commands are not checked)."""
     urls = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else list(shards)
     if not urls:
-        raise FileNotFoundError(f"data.shards={shards!r} matches no shards")
-    for url in urls:
-        if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
-            raise FileNotFoundError(f"shard {url} not found (check data.shards)")
-    return ShardStream(urls, transform, max_words, seed, num_samples)
+        raise FileNotFoundError(f"'{shards}' matches no shards")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"shard file not found: '{missing[0]}' ({len(missing)} of {len(urls)} "
+                                f"shards missing, relative to {os.getcwd()})")
+    return urls
 
 
 # ----------------------------------------------------------------------------- accounting
