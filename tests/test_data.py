@@ -127,12 +127,13 @@ def image_dir(tmp_path):
     grey16 = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
     assert grey16.mode.startswith("I;16")
     grey16.save(tmp_path / "grey16.png")
+    (tmp_path / "folder.jpg").mkdir()  # open() raises IsADirectoryError
     return tmp_path
 
 
 def test_each_broken_file_is_counted_and_odd_modes_are_converted(image_dir, tokenizer):
     files = ["good.jpg", "missing.jpg", "zero.jpg", "cut.jpg", "garbage.jpg",
-             "good.jpg", "cmyk.jpg", "palette.png", "la.png", "grey16.png"]
+             "good.jpg", "cmyk.jpg", "palette.png", "la.png", "grey16.png", "folder.jpg"]
     captions = ["a red circle"] * len(files)
     captions[5] = "?!..."
     ann = _write_json(image_dir / "ann.json", [{"image": f, "caption": c} for f, c in zip(files, captions)])
@@ -141,10 +142,11 @@ def test_each_broken_file_is_counted_and_odd_modes_are_converted(image_dir, toke
     reasons = {files[i] if s.reason != "empty_caption" else "caption": s.reason
                for i, s in enumerate(samples) if isinstance(s, BadSample)}
     assert reasons == {"missing.jpg": "missing", "zero.jpg": "empty_file", "cut.jpg": "truncated",
-                       "garbage.jpg": "decode", "caption": "empty_caption"}
+                       "garbage.jpg": "decode", "caption": "empty_caption", "folder.jpg": "unreadable"}
 
     batch = Collator(tokenizer, max_tokens=5)(samples)
-    assert batch["skipped"] == {"missing": 1, "empty_file": 1, "truncated": 1, "decode": 1, "empty_caption": 1}
+    assert batch["skipped"] == {"missing": 1, "empty_file": 1, "truncated": 1, "decode": 1, "empty_caption": 1,
+                                "unreadable": 1}
     assert batch["index"].tolist() == [0, 6, 7, 8, 9]
     assert batch["images"].shape == (5, 3, 16, 16)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (5, 5)

@@ -124,8 +124,8 @@ def read_image(path: str) -> Image.Image:
     try:
         with open(path, "rb") as fp:
             return _decode(fp, path)
-    except PermissionError as exn:
-        raise SampleError("unreadable", f"{path}: {exn}") from exn
+    except OSError as exn:  # a directory, no permission, an I/O error: this sample's problem
+        raise SampleError("unreadable", f"{path}: {exn.strerror or exn}") from exn
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
