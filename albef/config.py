@@ -100,6 +100,7 @@ class DataConfig:
     randaugment: bool = True
     hflip: bool = True  # random horizontal flip (off when captions say left/right)
     max_bad_fraction: float = 0.01
+    caption_list: Literal["random", "expand"] = "random"  # ALBEF: one caption drawn per access
 
 
 @dataclass

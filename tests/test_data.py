@@ -131,6 +131,25 @@ def image_dir(tmp_path):
     return tmp_path
 
 
+def test_caption_list_draws_one_caption_per_access_as_albef_or_expands(image_dir):
+    ann = _write_json(image_dir / "lists.json", [{"image": "good.jpg", "caption": ["one", "two", "three", "four"]},
+                                                 {"image": "good.jpg", "caption": "single"}])
+    transform = eval_transform(16, *UNIT)
+    expanded = CaptionDataset(ann, str(image_dir), transform, caption_list="expand")
+    assert [expanded[i]["caption"] for i in range(len(expanded))] == ["one", "two", "three", "four", "single"]
+
+    drawn, again = (CaptionDataset(ann, str(image_dir), transform, seed=3) for _ in range(2))  # the default
+    assert len(drawn) == 2
+    per_epoch = []
+    for epoch in range(8):
+        drawn.set_epoch(epoch)
+        again.set_epoch(epoch)
+        per_epoch.append(drawn[0]["caption"])
+        assert again[0]["caption"] == per_epoch[-1] == drawn[0]["caption"]  # resumable: same draw
+        assert drawn[1]["caption"] == "single"
+    assert set(per_epoch) <= {"one", "two", "three", "four"} and len(set(per_epoch)) > 1
+
+
 def test_each_broken_file_is_counted_and_odd_modes_are_converted(image_dir, tokenizer):
     files = ["good.jpg", "missing.jpg", "zero.jpg", "cut.jpg", "garbage.jpg",
              "good.jpg", "cmyk.jpg", "palette.png", "la.png", "grey16.png", "folder.jpg"]
@@ -180,7 +199,8 @@ def test_webdataset_bad_samples_and_truncated_shard(tmp_path, tokenizer):
     whole = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(whole[: len(whole) // 2 + 100])
 
-    stream = webdataset_pipeline([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], eval_transform(16, *UNIT))
+    stream = webdataset_pipeline([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], eval_transform(16, *UNIT),
+                                 caption_list="expand")
     samples = list(stream)
     bad = sorted(s.reason for s in samples if isinstance(s, BadSample))
     assert bad == ["decode", "empty_caption", "encoding", "truncated_shard"]

@@ -228,11 +228,12 @@ def check_annotation_file(path: str) -> None:
     _read_entries(path)
 
 
-def load_annotations(files: str | Sequence[str]) -> list[dict]:
+def load_annotations(files: str | Sequence[str], expand: bool = True) -> list[dict]:
     """Read ALBEF annotation files into one flat list of ``{image, caption, id}`` samples.
 
     Each entry is ``{"image": path, "caption": str | [str, ...], "image_id"?: int | str}``; a
-    caption list gives one sample per caption, all sharing the image's id. Integer image_ids are
+    caption list gives one sample per caption, all sharing the image's id (with `expand=False`
+    one sample per entry, whose ``caption`` stays the list). Integer image_ids are
     kept; string ids and entries without one (keyed by image path) get consecutive ints above the
     largest integer id, in order of first appearance.
     """
@@ -248,12 +249,30 @@ def load_annotations(files: str | Sequence[str]) -> list[dict]:
         if not isinstance(image_id, int):
             key = ("path", entry["image"]) if image_id is None else ("id", image_id)
             image_id = mapped.setdefault(key, next_id + len(mapped))
-        samples += [{"image": entry["image"], "caption": caption, "id": image_id} for caption in captions]
+        if expand or isinstance(entry["caption"], str):
+            samples += [{"image": entry["image"], "caption": caption, "id": image_id} for caption in captions]
+        else:
+            samples.append({"image": entry["image"], "caption": captions, "id": image_id})
     return samples
 
 
+CAPTION_LIST_MODES = ("random", "expand")
+
+
+def pick_caption(captions: Sequence[str], seed: int, epoch: int, index: int) -> tuple[int, str]:
+    """(number, caption): ALBEF's random choice of one caption per access, drawn from
+    (seed, epoch, index) so that a resumed run draws the same."""
+    number = random.Random(sample_seed(seed, epoch, index)).randrange(len(captions))
+    return number, captions[number]
+
+
 class CaptionDataset(Dataset):
-    """ALBEF JSON annotations over image files (data.format=json)."""
+    """ALBEF JSON annotations over image files (data.format=json).
+
+    `caption_list` (data.caption_list) says what an entry with a list of captions becomes:
+    'random', one sample whose caption is drawn per access (per epoch) as ALBEF's pretraining
+    dataset does, or 'expand', one sample per caption.
+    """
 
     def __init__(
         self,
@@ -262,8 +281,11 @@ class CaptionDataset(Dataset):
         transform: Callable,
         max_words: int = 30,
         seed: int = 0,
+        caption_list: str = "random",
     ) -> None:
-        self.samples = load_annotations(files)
+        if caption_list not in CAPTION_LIST_MODES:
+            raise ValueError(f"caption_list must be one of {CAPTION_LIST_MODES} (got {caption_list!r})")
+        self.samples = load_annotations(files, expand=caption_list == "expand")
         self.image_root = image_root
         self.transform = transform
         self.max_words = max_words
@@ -283,9 +305,12 @@ class CaptionDataset(Dataset):
             image = read_image(path)
         except SampleError as exn:
             image = exn
+        epoch, caption = self.epoch.get(), ann["caption"]
+        if not isinstance(caption, str):
+            caption = pick_caption(caption, self.seed, epoch, index)[1]
         return make_sample(
-            image, ann["caption"], ann["id"], index, self.transform,
-            self.max_words, self.seed, self.epoch.get(), path,
+            image, caption, ann["id"], index, self.transform,
+            self.max_words, self.seed, epoch, path,
         )
 
 
@@ -358,7 +383,11 @@ class ShardStream(IterableDataset):
         max_words: int = 30,
         seed: int = 0,
         num_samples: int | None = None,
+        caption_list: str = "random",
     ) -> None:
+        if caption_list not in CAPTION_LIST_MODES:
+            raise ValueError(f"caption_list must be one of {CAPTION_LIST_MODES} (got {caption_list!r})")
+        self.caption_list = caption_list
         self.urls = list(urls)
         self.transform = transform
         self.max_words = max_words
@@ -400,7 +429,10 @@ class ShardStream(IterableDataset):
             image = decode_image(data, key)
         except SampleError as exn:
             image = exn
-        for number, caption in enumerate(captions):
+        numbered = enumerate(captions)
+        if self.caption_list == "random" and len(captions) > 1:
+            numbered = [pick_caption(captions, self.seed, epoch, stable_index(key, 0))]
+        for number, caption in numbered:
             yield make_sample(
                 image, caption, sample_id, stable_index(key, number), self.transform,
                 self.max_words, self.seed, epoch, key,
@@ -429,6 +461,7 @@ def webdataset_pipeline(
     max_words: int = 30,
     seed: int = 0,
     num_samples: int | None = None,
+    caption_list: str = "random",
 ) -> ShardStream:
     """A `ShardStream` over a brace pattern or list of shard urls.
 
@@ -437,7 +470,7 @@ def webdataset_pipeline(
     list repeats and each worker yields ``num_samples / (world_size * num_workers)`` samples, so
     all ranks run the same number of steps; without it each worker makes one pass over its shards.
     """
-    return ShardStream(shard_urls(shards), transform, max_words, seed, num_samples)
+    return ShardStream(shard_urls(shards), transform, max_words, seed, num_samples, caption_list)
 
 
 def shard_urls(shards: str | Sequence[str]) -> list[str]:

@@ -47,9 +47,9 @@ class PretrainTask:
             cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip
         )
         if d.format == "wds":
-            dataset = webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples)
+            dataset = webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples, d.caption_list)
         else:
-            dataset = CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed)
+            dataset = CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed, d.caption_list)
         tokenizer = build_tokenizer(cfg)
         return build_train_loader(
             dataset, Collator(tokenizer, d.max_tokens), batch_size=cfg.train.batch_size,
