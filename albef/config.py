@@ -125,6 +125,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_lr: float = 1e-5
     warmup_steps: int = 2000
+    warmup_across_epochs: bool = False  # ALBEF: the warmup ends with epoch 0
     min_lr: float = 1e-5
 
 
