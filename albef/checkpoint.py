@@ -46,7 +46,7 @@ __all__ = [
     "checkpoint_dir", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
     "save_pretrained", "tmp_checkpoint_dir", "publish_checkpoint_dir", "is_dcp_checkpoint",
     "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state", "check_dcp_directory",
-    "load_dcp_state",
+    "load_dcp_state", "checkpoint_step",
 ]
 
 LATEST = "latest"
@@ -218,6 +218,12 @@ def _step_files(ckpt_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
              if (m := _STEP_RE.fullmatch(p.name)) and (p.is_dir() if p.suffix == ".dcp" else p.is_file())]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step in a `step_XXXXXXXX.pt` / `.dcp` name, or None for another name."""
+    m = _STEP_RE.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def _read_pointer(ckpt_dir: Path) -> Path | None:
