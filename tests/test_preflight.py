@@ -97,5 +97,5 @@ def test_checks_pass_a_good_config_and_the_eval_files(corpus, tmp_path):
     check_data_files(cfg)
     check_model_config(cfg)
     bad = bad_annotations(tmp_path, "no image")
-    with pytest.raises(ConfigError, match=r"eval\.files\[0\]: .*no image\.json: entry 1"):
+    with pytest.raises(ConfigError, match=r"eval\.test_files\[0\]: .*no image\.json: entry 1"):
         check_data_files(load_config(str(TINY), [*corpus_overrides(corpus), f"eval.test_files=[{bad}]"]))
