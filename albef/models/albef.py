@@ -418,12 +418,12 @@ class ALBEF(nn.Module):
             neg_texts, valid_texts = sample_negatives(similarity(image_feat, cand.text_feat_m.t(), self.temp), exclude)
         if self.itm_negatives == "global":  # the negative images join the local ones as extra K/V images
             neg_image_index = local + batch_size
-            fusion.extra_images.append(image_pool[neg_images])
+            fusion.extra_images.append(image_pool.index_select(0, neg_images))
         else:
             neg_image_index = neg_images
         cls = torch.zeros(3 * batch_size, dtype=torch.long, device=local.device)
         fusion.add(
-            torch.cat([text_embeds, text_embeds, text_pool[neg_texts]]),
+            torch.cat([text_embeds, text_embeds, text_pool.index_select(0, neg_texts)]),
             torch.cat([attention_mask, attention_mask, mask_pool[neg_texts]]),
             torch.cat([local, neg_image_index, local]),
             (torch.arange(3 * batch_size, device=local.device), cls),

@@ -45,8 +45,9 @@ def _key_mask(mask: Tensor | None) -> Tensor | None:
 
 
 def _take(x: Tensor | None, index: Tensor | None) -> Tensor | None:
-    """Rows `index` of `x` (x itself when either is None)."""
-    return x if x is None or index is None else x[index]
+    """Rows `index` of `x` (x itself when either is None); index_select, whose backward is an
+    index_add (faster than the index_put of `x[index]` on CPU)."""
+    return x if x is None or index is None else x.index_select(0, index)
 
 
 def cast_for_autocast(x: Tensor | None) -> Tensor | None:
@@ -184,8 +185,8 @@ class BertLayer(nn.Module):
         self_kv = None
         if rows is not None:
             batch, position = rows
-            self_kv = tuple(t[batch] for t in self.attention.self.kv_heads(hidden))
-            hidden = hidden[batch, position][:, None]
+            self_kv = tuple(_take(t, batch) for t in self.attention.self.kv_heads(hidden))
+            hidden = _take(hidden.flatten(0, 1), batch * hidden.shape[1] + position)[:, None]
             mask, image_mask = _take(mask, batch), _take(image_mask, batch)
             kv_index = batch if kv_index is None else kv_index[batch]
             if image_kv is None:
