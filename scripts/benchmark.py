@@ -105,6 +105,8 @@ class Bench:
         from albef.models import build_model
 
         self.torch, self.cfg, self.device = torch, cfg, device
+        if device.type == "cuda":  # as the trainer does
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(0)
         self.model = build_model(cfg).to(device).train()
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
