@@ -81,6 +81,7 @@ class LossConfig:
     alpha: float = 0.4
     alpha_warmup: bool = True
     mlm_probability: float = 0.15
+    mlm_mask_sep: bool = True  # ALBEF masks [SEP] like any word (never [PAD], [CLS])
     itc_gather_batch: bool = False
     itm_negatives: Literal["local", "global"] = "local"
     same_id_positives: bool = False  # ITC positives: false = the pair only (ALBEF pretraining),
@@ -98,6 +99,7 @@ class DataConfig:
     num_samples: int | None = None
     max_words: int = 30
     max_tokens: int = 25
+    pad_to_max_tokens: bool = False  # pad every batch to max_tokens (static shapes)
     num_workers: int = 4
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -121,6 +123,7 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite: int = 10
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False  # torch.compile each ViT block and BERT layer
 
 
 @dataclass

@@ -60,7 +60,7 @@ class PretrainTask:
             dataset = CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed, d.caption_list)
         tokenizer = build_tokenizer(cfg)
         return build_train_loader(
-            dataset, Collator(tokenizer, d.max_tokens), batch_size=cfg.train.batch_size,
+            dataset, Collator(tokenizer, d.max_tokens, d.pad_to_max_tokens), batch_size=cfg.train.batch_size,
             num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
 
     def _batches_per_epoch(self, cfg: Config, dist: DistInfo) -> int:
