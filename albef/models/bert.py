@@ -3,7 +3,8 @@
 Layers below `fusion_layer` are a plain bidirectional BERT text encoder; layers from
 `fusion_layer` on add cross-attention to image tokens (key/value width `encoder_width`).
 Modes: `text` (text layers only), `fusion` (fusion layers on given text states),
-`multimodal` (all layers from token ids).
+`multimodal` (all layers from token ids). `image_embeds` may also be a list of images (NLVR2):
+fusion layer `i` then attends to image `(i - fusion_layer) % len(list)`, as ALBEF's xbert.
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ ATTENTIONS = ("sdpa", "eager")
 def _key_mask(mask: Tensor | None) -> Tensor | None:
     """[B, L] padding mask (1 = keep) -> boolean [B, 1, 1, L] for attention over keys."""
     return None if mask is None else mask.bool()[:, None, None, :]
+
+
+def _image_key_masks(mask: Tensor | list[Tensor] | None) -> Tensor | list[Tensor] | None:
+    """`_key_mask` of an image mask, or of each mask of a list of images."""
+    return [_key_mask(m) for m in mask] if isinstance(mask, (list, tuple)) else _key_mask(mask)
+
+
+def _layer_image(image_embeds, image_mask, index: int, fusion_layer: int):
+    """(tokens, mask) of the image that layer `index` attends to: with a list of images, the
+    fusion layers take them in turn (layer fusion_layer: image 0, the next: image 1, ...)."""
+    if not isinstance(image_embeds, (list, tuple)):
+        return image_embeds, image_mask
+    k = (index - fusion_layer) % len(image_embeds)
+    return image_embeds[k], None if image_mask is None else image_mask[k]
 
 
 class BertEmbeddings(nn.Module):
@@ -149,6 +164,7 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(
             BertLayer(config, i >= config.fusion_layer, attention) for i in range(config.num_hidden_layers)
         )
+        self.fusion_layer = config.fusion_layer
         self.grad_checkpointing = False
 
     def forward(
@@ -162,8 +178,9 @@ class BertEncoder(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         """Run `self.layer[layers]`; returns the hidden states and the cross-attention maps."""
         attentions = []
-        for layer in self.layer[layers]:
-            args = (hidden, mask, image_embeds, image_mask, output_attentions)
+        indices = range(len(self.layer))[layers]
+        for index, layer in zip(indices, self.layer[layers]):
+            args = (hidden, mask, *_layer_image(image_embeds, image_mask, index, self.fusion_layer), output_attentions)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, probs = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -215,7 +232,7 @@ class BertModel(nn.Module):
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         hidden, attentions = self.encoder(
-            hidden, _key_mask(attention_mask), layers, image_embeds, _key_mask(image_mask), output_attentions
+            hidden, _key_mask(attention_mask), layers, image_embeds, _image_key_masks(image_mask), output_attentions
         )
         return (hidden, attentions) if output_attentions else hidden
 
