@@ -47,8 +47,8 @@ class TextAssignmentTask(PretrainTask):
     name = "nlvr_pretrain"
     best_metric = None  # ALBEF keeps every epoch's checkpoint and uses the last
 
-    def check(self, cfg: Config) -> None:
-        if cfg.train.batch_size < 3:
+    def check(self, cfg: Config, training: bool = True) -> None:
+        if training and cfg.train.batch_size < 3:
             raise ConfigError(f"train.batch_size: text assignment draws two other images of the batch per "
                               f"caption, so it needs at least 3 (got {cfg.train.batch_size})")
         for files in (cfg.eval.val_files, cfg.eval.test_files):
@@ -99,6 +99,9 @@ class TextAssignmentTask(PretrainTask):
                 correct += int((out["logits"].argmax(dim=1) == out["labels"]).sum())
                 total += len(out["labels"])
         return {"acc": 100.0 * correct / max(total, 1), "num_samples": total}
+
+    def format_result(self, result: dict[str, float]) -> str:
+        return f"text-assignment accuracy {result['acc']:.2f}% on {result['num_samples']} captions (chance 33.33%)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

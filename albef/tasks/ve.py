@@ -77,13 +77,13 @@ class VETask:
 
     # ------------------------------------------------------------------------- engine hooks
 
-    def check(self, cfg: Config) -> None:
-        """Preflight: every annotation file parses (AnnotationError names the file and entry)."""
+    def check(self, cfg: Config, training: bool = True) -> None:
+        """Preflight: every annotation file used parses (AnnotationError names file and entry)."""
         load = load_ve_annotations if self.kind == "ve" else load_nlvr_annotations
-        for files in (cfg.data.train_files, cfg.eval.val_files, cfg.eval.test_files):
+        for files in ((cfg.data.train_files,) if training else ()) + (cfg.eval.val_files, cfg.eval.test_files):
             if files:
                 load(files)
-        if cfg.data.format != "json":
+        if training and cfg.data.format != "json":
             raise ConfigError(f"data.format: {self.name} reads JSON annotation files (got {cfg.data.format!r})")
 
     def build_model(self, cfg: Config) -> Classifier:
