@@ -34,7 +34,8 @@ from albef.dist import DistInfo
 from albef.models import build_tokenizer
 from albef.models.classify import TextAssignment, build_text_assignment, double_fusion_layers, num_layers
 from albef.tasks.pretrain import PretrainTask
-from albef.tasks.ve import PRETRAIN_ONLY, _autocast
+from albef.tasks.retrieval import _autocast
+from albef.tasks.ve import PRETRAIN_ONLY
 
 # Everything of a pretraining checkpoint TA does not use (ALBEF: unexpected keys).
 TA_UNUSED = tuple(k for k in PRETRAIN_ONLY if k not in ("vision_proj", "text_proj", "temp")) + (

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -33,6 +32,7 @@ from albef.data.transforms import eval_transform, train_transform
 from albef.dist import DistInfo
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
+from albef.tasks.retrieval import _autocast  # inference autocast, shared with retrieval
 
 # Keys of a pretraining (or retrieval) checkpoint that a classifier does not use.
 PRETRAIN_ONLY = (
@@ -52,13 +52,6 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     return 100.0 * sum(int(p == y) for p, y in zip(predictions, labels)) / max(len(labels), 1)
-
-
-def _autocast(device: torch.device, precision: str):
-    """bf16 autocast for inference on CUDA unless the config asks for fp16 / fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 class VETask:
