@@ -19,7 +19,7 @@ formats of albef/data/reasoning.py, with sentences in the corpus vocabulary::
 
     out_dir/ve_{train,val,test}.json      "a red square to the left of a blue circle" about one
                                           scene: entailment (true) or contradiction (the relation
-                                          reversed, or a colour or shape that is not there)
+                                          reversed, one object or both objects not there)
     out_dir/nlvr_{train,val,test}.json    one such sentence and two scenes: true iff it holds
                                           in both (false: it fails in one or both)
     out_dir/images/{ve,nlvr}_*.jpg
@@ -288,12 +288,16 @@ def _scene_of(rng: random.Random, layout: str, first: tuple[str, str], second: t
 
 
 def _false_scene(rng: random.Random, claim: Claim):
-    """A two-shape scene where `claim` does not hold: the relation reversed (same objects), or
-    one object replaced by another colour or shape. Returns (layout, background, shapes)."""
-    kind = rng.choice(("reversed", "object", "object"))
+    """A two-shape scene where `claim` does not hold, one of three kinds equally often: the
+    relation reversed (same objects), one object with another colour or shape, or two other
+    objects. Returns (layout, background, shapes)."""
+    kind = rng.choice(("reversed", "one object", "other objects"))
     first, second = claim.first, claim.second
     if kind == "reversed":
         first, second = second, first
+    elif kind == "other objects":
+        first = _changed(rng, first, second)
+        second = _changed(rng, second, first)
     elif rng.random() < 0.5:
         first = _changed(rng, first, second)
     else:
