@@ -23,6 +23,9 @@ setup(
             "albef-pretrain=albef.pretrain:main",
             "albef-demo=albef.demo:main",
             "albef-retrieval=albef.tasks.retrieval:main",
+            "albef-ve=albef.tasks.ve:main",
+            "albef-nlvr=albef.tasks.nlvr:main",
+            "albef-nlvr-pretrain=albef.tasks.nlvr_pretrain:main",
         ]
     },
 )

@@ -85,3 +85,15 @@ def mlm_loss(
         return hard
     soft = (soft_cross_entropy(logits, soft_targets) * valid).sum() / num_valid
     return (1 - alpha) * hard + alpha * soft
+
+
+def classification_distill_loss(
+    logits: Tensor, targets: Tensor, logits_m: Tensor | None = None, alpha: float | Tensor = 0.0
+) -> Tensor:
+    """ALBEF's VE / NLVR2 loss: (1 - alpha) * CE(logits, targets) + alpha * soft CE against the
+    momentum model's softmax(logits_m); plain CE without `logits_m`. Mean over the batch."""
+    hard = F.cross_entropy(logits.float(), targets)
+    if logits_m is None:
+        return hard
+    soft = soft_cross_entropy(logits, F.softmax(logits_m.float(), dim=-1)).mean()
+    return (1 - alpha) * hard + alpha * soft

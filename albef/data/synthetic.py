@@ -13,6 +13,16 @@ retrieval is learnable by a small model in minutes. `generate_corpus` writes::
 
 Both train formats give the same samples: train image i has id i either way. Deterministic for a
 seed. CLI: ``python -m albef.data.synthetic --out demo_data``.
+
+`generate_reasoning_sets` writes small visual-reasoning sets from two-shape scenes, in the
+formats of albef/data/reasoning.py, with sentences in the corpus vocabulary::
+
+    out_dir/ve_{train,val,test}.json      "a red square to the left of a blue circle" about one
+                                          scene: entailment (true) or contradiction (the relation
+                                          reversed, one object or both objects not there)
+    out_dir/nlvr_{train,val,test}.json    one such sentence and two scenes: true iff it holds
+                                          in both (false: it fails in one or both)
+    out_dir/images/{ve,nlvr}_*.jpg
 """
 import argparse
 import io
@@ -226,6 +236,144 @@ def generate_corpus(
     }
 
 
+# ----------------------------------------------------------------------------- reasoning sets
+
+RELATION_TEMPLATES = {  # every word is in `vocabulary()`; {x}1 is left of / above {x}2
+    "horizontal": (
+        "a {color1} {shape1} to the left of a {color2} {shape2}",
+        "a {color2} {shape2} to the right of a {color1} {shape1}",
+        "a {color1} {shape1} on the left and a {color2} {shape2} on the right",
+    ),
+    "vertical": (
+        "a {color1} {shape1} above a {color2} {shape2}",
+        "a {color2} {shape2} below a {color1} {shape1}",
+        "a {color1} {shape1} at the top and a {color2} {shape2} at the bottom",
+    ),
+}
+_SLOTS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """'(color1 shape1) is left of / above (color2 shape2)'."""
+
+    layout: str
+    first: tuple[str, str]  # (color, shape)
+    second: tuple[str, str]
+
+    def sentence(self, rng: random.Random) -> str:
+        fields = dict(color1=self.first[0], shape1=self.first[1], color2=self.second[0], shape2=self.second[1])
+        return _articles(rng.choice(RELATION_TEMPLATES[self.layout]).format(**fields))
+
+    def holds(self, shapes: list[Shape], layout: str) -> bool:
+        """True when the scene (two shapes in `layout`, first slot first) shows the claim."""
+        return layout == self.layout and [(s.color, s.shape) for s in shapes] == [self.first, self.second]
+
+
+def _random_object(rng: random.Random, other: tuple[str, str] | None = None) -> tuple[str, str]:
+    while True:
+        obj = (rng.choice(list(COLORS)), rng.choice(SHAPES))
+        if obj != other:
+            return obj
+
+
+def _scene_of(rng: random.Random, layout: str, first: tuple[str, str], second: tuple[str, str]):
+    """(background, shapes) with `first` in the first slot of `layout` and `second` in the other."""
+    shapes = []
+    for (color, shape), slot in zip((first, second), _SLOTS[layout]):
+        x, y = POSITIONS[slot]
+        center = (x + rng.uniform(-0.02, 0.02), y + rng.uniform(-0.02, 0.02))
+        shapes.append(Shape(shape, color, rng.choice(list(SIZES)), center))
+    return rng.choice(list(BACKGROUNDS)), shapes
+
+
+def _false_scene(rng: random.Random, claim: Claim):
+    """A two-shape scene where `claim` does not hold, one of three kinds equally often: the
+    relation reversed (same objects), one object with another colour or shape, or two other
+    objects. Returns (layout, background, shapes)."""
+    kind = rng.choice(("reversed", "one object", "other objects"))
+    first, second = claim.first, claim.second
+    if kind == "reversed":
+        first, second = second, first
+    elif kind == "other objects":
+        first = _changed(rng, first, second)
+        second = _changed(rng, second, first)
+    elif rng.random() < 0.5:
+        first = _changed(rng, first, second)
+    else:
+        second = _changed(rng, second, first)
+    return claim.layout, *_scene_of(rng, claim.layout, first, second)
+
+
+def _changed(rng: random.Random, obj: tuple[str, str], other: tuple[str, str]) -> tuple[str, str]:
+    """`obj` with its colour or its shape changed (never equal to `other`)."""
+    while True:
+        new = (rng.choice(list(COLORS)), obj[1]) if rng.random() < 0.5 else (obj[0], rng.choice(SHAPES))
+        if new not in (obj, other):
+            return new
+
+
+def _random_claim(rng: random.Random) -> Claim:
+    first = _random_object(rng)
+    return Claim(rng.choice(list(RELATION_TEMPLATES)), first, _random_object(rng, first))
+
+
+def _save(image: Image.Image, out_dir: str, path: str) -> str:
+    with open(os.path.join(out_dir, path), "wb") as fp:
+        fp.write(_jpeg(image))
+    return path
+
+
+def _ve_split(out_dir: str, split: str, count: int, side: int, rng: random.Random) -> list[dict]:
+    entries = []
+    for i in range(count):
+        claim = _random_claim(rng)
+        entailed = rng.random() < 0.5
+        if entailed:
+            background, shapes = _scene_of(rng, claim.layout, claim.first, claim.second)
+        else:
+            _, background, shapes = _false_scene(rng, claim)
+        path = _save(render(background, shapes, side), out_dir, f"images/ve_{split}_{i:06d}.jpg")
+        label = "entailment" if entailed else "contradiction"
+        entries.append({"image": path, "sentence": claim.sentence(rng), "label": label})
+    return entries
+
+
+def _nlvr_split(out_dir: str, split: str, count: int, side: int, rng: random.Random) -> list[dict]:
+    entries = []
+    for i in range(count):
+        claim = _random_claim(rng)
+        label = rng.random() < 0.5
+        # False: the claim fails in image 0, image 1 or both (each equally likely).
+        fails = (False, False) if label else rng.choice(((True, False), (False, True), (True, True)))
+        paths = []
+        for number, fail in enumerate(fails):
+            if fail:
+                _, background, shapes = _false_scene(rng, claim)
+            else:
+                background, shapes = _scene_of(rng, claim.layout, claim.first, claim.second)
+            paths.append(_save(render(background, shapes, side), out_dir, f"images/nlvr_{split}_{i:06d}_{number}.jpg"))
+        entries.append({"images": paths, "sentence": claim.sentence(rng), "label": label})
+    return entries
+
+
+def generate_reasoning_sets(
+    out_dir: str, num_train: int = 2000, num_val: int = 200, num_test: int = 200, image_size: int = 64, seed: int = 1
+) -> dict[str, str]:
+    """Write the VE and NLVR2 demo sets under `out_dir`; returns their annotation paths
+    (``ve_train``, ``ve_val``, ``ve_test``, ``nlvr_train``, ...) and ``image_root``."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    paths = {"image_root": out_dir}
+    for task, make in (("ve", _ve_split), ("nlvr", _nlvr_split)):
+        for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+            entries = make(out_dir, split, count, image_size, rng)
+            paths[f"{task}_{split}"] = os.path.join(out_dir, f"{task}_{split}.json")
+            with open(paths[f"{task}_{split}"], "w", encoding="utf-8") as fp:
+                json.dump(entries, fp, indent=0)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the albef demo corpus.")
     parser.add_argument("--out", required=True, help="output directory")
@@ -235,10 +383,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-per-image", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reasoning", action="store_true",
+                        help="write the VE / NLVR2 sets (num-train, num-test each, val = test size) instead")
     args = parser.parse_args(argv)
-    paths = generate_corpus(
-        args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image, args.shard_size
-    )
+    if args.reasoning:
+        paths = generate_reasoning_sets(
+            args.out, args.num_train, args.num_test, args.num_test, args.image_size, args.seed)
+    else:
+        paths = generate_corpus(
+            args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image,
+            args.shard_size)
     print(json.dumps(paths, indent=2))
 
 
