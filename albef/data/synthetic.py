@@ -223,6 +223,58 @@ def generate_corpus(
     }
 
 
+# ----------------------------------------------------------------------------- VQA set (albef-vqa demo)
+
+VQA_COUNTS = ("0", "1", "2")
+
+
+def vqa_questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[str, str]]:
+    """Two (question, answer) pairs about a scene: the colour of a shape drawn once, and how many
+    of some shape there are (drawn or not, half the time each)."""
+    counts = {s: sum(item.shape == s for item in shapes) for s in SHAPES}
+    unique = [item for item in shapes if counts[item.shape] == 1]
+    pairs = []
+    if unique:
+        item = rng.choice(unique)
+        pairs.append((f"what colour is the {item.shape}?", item.color))
+    drawn = sorted({item.shape for item in shapes})
+    asked = rng.choice(drawn if rng.random() < 0.5 else [s for s in SHAPES if not counts[s]])
+    pairs.append((f"how many {asked}s are there?", str(counts[asked])))
+    return pairs
+
+
+def _human_answers(rng: random.Random, answer: str, num: int = 10, agreement: float = 0.9) -> list[str]:
+    """`num` annotators: each gives `answer`, or with probability 1 - agreement another answer of its kind."""
+    kind = VQA_COUNTS if answer in VQA_COUNTS else tuple(COLORS)
+    return [answer if rng.random() < agreement else rng.choice([a for a in kind if a != answer]) for _ in range(num)]
+
+
+def generate_vqa_set(out_dir: str, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
+                     seed: int = 1) -> dict[str, str]:
+    """Write a VQA set of new scenes under `out_dir` (next to the caption corpus, sharing its
+    vocabulary): images/vqa_{split}_NNNNNN.jpg, vqa_train.json, vqa_test.json (albef-vqa format,
+    10 noisy human answers each) and vqa_answer_list.json (8 colours, counts 0-2)."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    paths = {"image_root": out_dir}
+    for split, count, first_id in (("train", num_train, 0), ("test", num_test, 10_000_000)):
+        entries = []
+        for i in range(count):
+            background, shapes, _ = random_scene(rng, 1)
+            path = f"images/vqa_{split}_{i:06d}.jpg"
+            render(background, shapes, image_size).save(os.path.join(out_dir, path), quality=95)
+            for j, (question, answer) in enumerate(vqa_questions(rng, shapes)):
+                entries.append({"question_id": first_id + 10 * i + j, "question": question, "image": path,
+                                "answer": _human_answers(rng, answer), "dataset": "vqa"})
+        paths[split] = os.path.join(out_dir, f"vqa_{split}.json")
+        with open(paths[split], "w", encoding="utf-8") as fp:
+            json.dump(entries, fp, indent=0)
+    paths["answer_list"] = os.path.join(out_dir, "vqa_answer_list.json")
+    with open(paths["answer_list"], "w", encoding="utf-8") as fp:
+        json.dump([*COLORS, *VQA_COUNTS], fp)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the albef demo corpus.")
     parser.add_argument("--out", required=True, help="output directory")
@@ -232,10 +284,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-per-image", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vqa", action="store_true", help="also write the VQA set (generate_vqa_set)")
     args = parser.parse_args(argv)
     paths = generate_corpus(
         args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image, args.shard_size
     )
+    if args.vqa:
+        vqa = generate_vqa_set(args.out, args.num_train, args.num_test, args.image_size, args.seed + 1)
+        paths.update({f"vqa_{k}": v for k, v in vqa.items()})
     print(json.dumps(paths, indent=2))
 
 
