@@ -251,13 +251,15 @@ def _human_answers(rng: random.Random, answer: str, num: int = 10, agreement: fl
 
 def generate_vqa_set(out_dir: str, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
                      seed: int = 1) -> dict[str, str]:
-    """Write a VQA set of new scenes under `out_dir` (next to the caption corpus, sharing its
-    vocabulary): images/vqa_{split}_NNNNNN.jpg, vqa_train.json, vqa_test.json (albef-vqa format,
-    10 noisy human answers each) and vqa_answer_list.json (8 colours, counts 0-2)."""
+    """Write a VQA set of new scenes under `out_dir`, next to the caption corpus and sharing its
+    vocabulary in bert/ (written if absent): images/vqa_{split}_NNNNNN.jpg, vqa_train.json,
+    vqa_val.json and vqa_test.json (`num_test` scenes each; albef-vqa format, 10 noisy human
+    answers per question), vqa_answer_list.json (8 colours, counts 0-2). CLI: ``python -m albef.data.synthetic --out demo_data --vqa``."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = random.Random(seed)
     paths = {"image_root": out_dir}
-    for split, count, first_id in (("train", num_train, 0), ("test", num_test, 10_000_000)):
+    for split, count, first_id in (("train", num_train, 0), ("val", num_test, 10_000_000),
+                                   ("test", num_test, 20_000_000)):
         entries = []
         for i in range(count):
             background, shapes, _ = random_scene(rng, 1)
@@ -272,6 +274,9 @@ def generate_vqa_set(out_dir: str, num_train: int = 2000, num_test: int = 200, i
     paths["answer_list"] = os.path.join(out_dir, "vqa_answer_list.json")
     with open(paths["answer_list"], "w", encoding="utf-8") as fp:
         json.dump([*COLORS, *VQA_COUNTS], fp)
+    paths["bert"] = os.path.join(out_dir, "bert")
+    if not os.path.isfile(os.path.join(paths["bert"], "vocab.txt")):
+        write_bert_dir(paths["bert"])
     return paths
 
 
@@ -284,14 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-per-image", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vqa", action="store_true", help="also write the VQA set (generate_vqa_set)")
+    parser.add_argument("--vqa", action="store_true",
+                        help="write the VQA set of --num-train/--num-test new scenes instead (generate_vqa_set)")
     args = parser.parse_args(argv)
-    paths = generate_corpus(
-        args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image, args.shard_size
-    )
     if args.vqa:
-        vqa = generate_vqa_set(args.out, args.num_train, args.num_test, args.image_size, args.seed + 1)
-        paths.update({f"vqa_{k}": v for k, v in vqa.items()})
+        paths = generate_vqa_set(args.out, args.num_train, args.num_test, args.image_size, args.seed + 1)
+    else:
+        paths = generate_corpus(
+            args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image,
+            args.shard_size
+        )
     print(json.dumps(paths, indent=2))
 
 
