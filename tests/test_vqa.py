@@ -398,3 +398,40 @@ def test_full_size_vqa_manifest_maps_onto_our_keys():
     assert len(report.loaded) == len(manifest) - 4
     for key in report.loaded:
         assert final[key].shape == target[key].shape
+
+
+# ----------------------------------------------------------------------------- synthetic VQA set
+
+
+def test_synthetic_questions_are_answered_by_the_scene():
+    from albef.data.synthetic import SHAPES, Shape, vqa_questions
+    scene = [Shape("circle", "red", "small", (0.3, 0.5)), Shape("circle", "blue", "large", (0.7, 0.5))]
+    for seed in range(20):
+        pairs = dict(vqa_questions(random.Random(seed), scene))
+        assert not any(q.startswith("what colour") for q in pairs)  # two circles: ambiguous, never asked
+        ((question, answer),) = pairs.items()
+        assert answer == ("2" if question == "how many circles are there?" else "0")
+        assert question in {f"how many {s}s are there?" for s in SHAPES}
+    scene = [Shape("star", "green", "small", (0.5, 0.3)), Shape("square", "pink", "small", (0.5, 0.7))]
+    seen = {}
+    for seed in range(40):
+        seen.update(vqa_questions(random.Random(seed), scene))
+    assert seen["what colour is the star?"] == "green" and seen["what colour is the square?"] == "pink"
+    assert seen["how many stars are there?"] == "1" and seen["how many circles are there?"] == "0"
+
+
+def test_synthetic_vqa_set_format(tmp_path):
+    from albef.data.synthetic import generate_vqa_set
+    paths = generate_vqa_set(str(tmp_path), num_train=12, num_test=4, image_size=32)
+    answer_list = json.loads(Path(paths["answer_list"]).read_text())
+    ids = set()
+    for split in ("train", "val", "test"):
+        entries = json.loads(Path(paths[split]).read_text())
+        assert len(entries) >= (12 if split == "train" else 4)
+        for e in entries:
+            assert set(e) == {"question_id", "question", "image", "answer", "dataset"} and e["dataset"] == "vqa"
+            assert (tmp_path / e["image"]).is_file() and len(e["answer"]) == 10
+            assert set(e["answer"]) <= set(answer_list)
+            ids.add(e["question_id"])
+    assert len(ids) == sum(len(json.loads(Path(paths[s]).read_text())) for s in ("train", "val", "test"))
+    assert (tmp_path / "bert" / "vocab.txt").is_file()
