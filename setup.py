@@ -23,6 +23,7 @@ setup(
             "albef-pretrain=albef.pretrain:main",
             "albef-demo=albef.demo:main",
             "albef-retrieval=albef.tasks.retrieval:main",
+            "albef-vqa=albef.tasks.vqa:main",
         ]
     },
 )

@@ -106,8 +106,7 @@ def tiny_vqa_model(bert_config: BertConfig, image_size: int = 32, vision_width: 
                         depth=vision.get("depth", 1), num_heads=vision.get("num_heads", 2),
                         patch_size=vision.get("patch_size", 8), mlp_ratio=vision.get("mlp_ratio", 2.0))
     bert_config.encoder_width = vision_width
-    encoder = TextEncoder(bert_config)
-    encoder.cls = None
+    encoder = TextEncoder(bert_config, mlm_head=False)
     return VQAModel(build_vision_encoder(vcfg), encoder, AnswerDecoder(decoder_config(bert_config)),
                     pad_token_id=0, distill=distill)
 

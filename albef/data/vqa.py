@@ -178,7 +178,8 @@ class VQACollator:
 
     Batch: `images` [B,3,H,W], `question_ids`/`question_mask` [B,L], and for training
     `answer_ids`/`answer_mask` [A,La] (the answers of all questions, in order),
-    `answer_weights` [A], `answers_per_question` [B]; for evaluation `question_id` (list).
+    `answer_weights` [A], `answers_per_question` [B]; for evaluation `question_id` (list);
+    `index` [B] dataset indices and `skipped` {reason: count} as the caption `Collator`.
     """
 
     def __init__(self, tokenizer, max_tokens: int | None):
@@ -187,7 +188,8 @@ class VQACollator:
 
     def __call__(self, samples: Sequence[dict | BadSample]) -> dict:
         good = [s for s in samples if not isinstance(s, BadSample)]
-        batch: dict[str, Any] = {"skipped": dict(Counter(s.reason for s in samples if isinstance(s, BadSample)))}
+        batch: dict[str, Any] = {"skipped": dict(Counter(s.reason for s in samples if isinstance(s, BadSample))),
+                                 "index": torch.tensor([s["index"] for s in good], dtype=torch.long)}
         if not good:
             return {**batch, "images": torch.zeros(0, 3, 0, 0)}
         questions = self.tokenizer([s["question"] for s in good], padding="longest", return_tensors="pt",

@@ -34,6 +34,7 @@ UNUSED_FROM_PRETRAIN = (
     "temp", "image_queue", "text_queue", "idx_queue", "queue_ptr",
     "vision_proj", "text_proj", "itm_head", "vision_proj_m", "text_proj_m",
 )
+_FILE_LAYER_RE = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
 _ENCODER_RE = re.compile(r"^text_encoder(_m)?\.(bert\.embeddings\.|bert\.encoder\.layer\.(\d+)\.|cls\.)(.*)$")
 
 
@@ -44,6 +45,14 @@ class AnswerDecoder(TextEncoder):
 
     Build it from the question encoder's BERT config with `decoder_config`.
     """
+
+    def load_bert_state_dict(self, state_dict: dict[str, Tensor], source: str = "BERT weights") -> Any:
+        """HF BERT weights for the decoder: its layers are the first ones of the file (ALBEF's
+        `BertLMHeadModel.from_pretrained` with 6 layers of bert-base); deeper file layers are left out."""
+        depth = self.config.num_hidden_layers
+        kept = {k: v for k, v in state_dict.items()
+                if (m := _FILE_LAYER_RE.search(k)) is None or int(m[1]) < depth}
+        return super().load_bert_state_dict(kept, source)
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor | None, states: Tensor, states_mask: Tensor) -> Tensor:
         """Vocabulary logits [B, L, V] of every position: token i sees tokens <= i and the states."""
@@ -245,8 +254,8 @@ def build_vqa_model(cfg: Any) -> VQAModel:
     text_encoder = TextEncoder.from_pretrained(
         tcfg.bert, fusion_layer=tcfg.fusion_layer, encoder_width=visual_encoder.embed_dim,
         config_overrides=tcfg.config_overrides, load_weights=tcfg.pretrained, attention=tcfg.attention,
+        mlm_head=False,  # ALBEF's VQA question encoder is a BertModel: no MLM head
     )
-    text_encoder.cls = None  # ALBEF's VQA question encoder is a BertModel: no MLM head
     if len(tokenizer) != text_encoder.config.vocab_size:
         raise ValueError(
             f"tokenizer of {tcfg.tokenizer or tcfg.bert!r} has {len(tokenizer)} tokens but the BERT config has "

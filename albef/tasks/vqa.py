@@ -53,6 +53,17 @@ class VQATask:
         self.loader: DataLoader | None = None
         self._majority: dict[tuple[str, ...], str | None] = {}
 
+    def check(self, cfg: Config, training: bool = True) -> None:
+        """Before anything is built: every question file and the answer list are well-formed
+        (an AnnotationError is one line naming the file and entry)."""
+        if training:
+            load_questions(cfg.data.train_files, need_answers=True)
+        for files in (cfg.eval.val_files, cfg.eval.test_files):
+            if files:
+                load_questions(files, need_answers=False)
+        if cfg.eval.val_files or cfg.eval.test_files:
+            load_answer_list(cfg.vqa.answer_list)
+
     # ----------------------------------------------------------------------------- training
 
     def build_model(self, cfg: Config) -> nn.Module:
@@ -86,12 +97,12 @@ class VQATask:
     def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         """A VQA checkpoint loads as it is; a pretraining one through ALBEF's decoder rule."""
         if is_vqa_state(state):
-            return load_weights(model, state, source=source)
+            return load_weights(model, state, source)
         mapped = init_from_pretrain_state(state, model.text_encoder.config.fusion_layer)
         unused = list(UNUSED_FROM_PRETRAIN)
         if not model.distill:
             unused += ["visual_encoder_m", "text_encoder_m", "text_decoder_m"]
-        return load_weights(model, mapped, unused=unused, source=source)
+        return load_weights(model, mapped, source, unused=unused)
 
     # ----------------------------------------------------------------------------- evaluation
 
@@ -159,7 +170,7 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_task(VQATask, argv, prog="albef-vqa")
+    return run_task(VQATask, argv, prog="albef-vqa", description="ALBEF VQA fine-tuning and evaluation")
 
 
 if __name__ == "__main__":
