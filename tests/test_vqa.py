@@ -102,7 +102,7 @@ def test_answer_loss_is_summed_token_cross_entropy_with_distillation():
 def tiny_vqa_model(bert_config: BertConfig, image_size: int = 32, vision_width: int = 32, distill: bool = True,
                    seed: int = 0, **vision) -> VQAModel:
     torch.manual_seed(seed)
-    vcfg = VisionConfig(arch="vit_base_patch16_224", image_size=image_size, embed_dim=vision_width,
+    vcfg = VisionConfig(arch="vit_base_patch16_224", pretrained=False, image_size=image_size, embed_dim=vision_width,
                         depth=vision.get("depth", 1), num_heads=vision.get("num_heads", 2),
                         patch_size=vision.get("patch_size", 8), mlp_ratio=vision.get("mlp_ratio", 2.0))
     bert_config.encoder_width = vision_width
@@ -303,15 +303,18 @@ def original_vqa_from_pretrain_rule(state: dict) -> dict:
 
 @needs_original
 def test_decoder_init_from_pretraining_copies_the_original_rule_tensors():
-    pretrain = load_checkpoint_file(DOWNSTREAM / "tiny_pretrain_l12.pth")["model"]
+    from albef.checkpoint import read_model_state
+    from albef.tasks.vqa import VQATask
+
+    path = DOWNSTREAM / "tiny_pretrain_l12.pth"
+    pretrain = load_checkpoint_file(path)["model"]
     model = tiny_original_model(seed=3)
-    mapped = init_from_pretrain_state(map_albef_keys(pretrain), fusion_layer=6)
-    final, report = match_state_dict(mapped, model.state_dict(), skip=UNUSED_FROM_PRETRAIN)
-    model.load_state_dict(final)
+    report = VQATask().init_weights(model, read_model_state(path), str(path))  # what --init-from runs
     assert report.resampled == POS_EMBEDS
     assert not (report.missing or report.reinitialised)
     assert all(k.endswith("position_ids") for k in report.unexpected)
-    assert sorted(report.skipped) == sorted(k for k in pretrain if k.split(".")[0] in UNUSED_FROM_PRETRAIN)
+    unused = sorted(k for k in pretrain if k.split(".")[0] in UNUSED_FROM_PRETRAIN)
+    assert sorted(report.skipped) == unused
 
     # 1. the original's rule, keys mapped to ours afterwards: same tensors under the same names
     reference = map_albef_keys(original_vqa_from_pretrain_rule(pretrain))
@@ -434,3 +437,88 @@ def test_synthetic_vqa_set_format(tmp_path):
             ids.add(e["question_id"])
     assert len(ids) == sum(len(json.loads(Path(paths[s]).read_text())) for s in ("train", "val", "test"))
     assert (tmp_path / "bert" / "vocab.txt").is_file()
+
+
+# ----------------------------------------------------------------------------- the task (albef-vqa)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def vqa_data(tmp_path_factory):
+    from albef.data.synthetic import generate_vqa_set
+    return generate_vqa_set(str(tmp_path_factory.mktemp("vqa_data")), num_train=6, num_test=3, image_size=32)
+
+
+def _cli_args(data, run, *extra):
+    return ["--config", str(CONFIGS / "test_tiny.yaml"), "--output-dir", str(run),
+            f"model.text.bert={data['bert']}", f"data.train_files=[{data['train']}]",
+            f"data.image_root={data['image_root']}", f"eval.val_files=[{data['val']}]",
+            f"eval.test_files=[{data['test']}]", f"eval.image_root={data['image_root']}",
+            f"vqa.answer_list={data['answer_list']}", "vqa.k_test=3", *extra]
+
+
+def _brute_force_accuracy(results, annotation_file):
+    humans = {e["question_id"]: e["answer"] for e in json.loads(Path(annotation_file).read_text())}
+    total = 0.0
+    for r in results:
+        same = [h for h in humans[r["question_id"]] if h == r["answer"]]
+        total += 1.0 if len(same) >= 3 else len(same) / 3
+    return 100 * total / len(results)
+
+
+def test_cli_trains_and_evaluates_on_a_tiny_generated_set(vqa_data, tmp_path):
+    from albef.tasks.vqa import main
+
+    run = tmp_path / "run"
+    assert main(_cli_args(vqa_data, run, "train.max_steps=2", "train.batch_size=4")) == 0
+    answer_list = json.loads(Path(vqa_data["answer_list"]).read_text())
+    for split in ("val", "test"):
+        results = json.loads((run / f"vqa_result_{split}.json").read_text())
+        questions = json.loads(Path(vqa_data[split]).read_text())
+        assert [r["question_id"] for r in results] == [q["question_id"] for q in questions]
+        assert all(set(r) == {"question_id", "answer"} and r["answer"] in answer_list for r in results)
+    metrics = json.loads((run / "results" / "test_latest.json").read_text())
+    metrics = metrics.get("metrics", metrics)
+    assert metrics["acc"] == pytest.approx(_brute_force_accuracy(results, vqa_data["test"]))
+    assert 0 <= metrics["majority_acc"] <= 100
+    assert (run / "best.pt").is_file()
+
+    # --evaluate of the best checkpoint answers the same
+    first = (run / "vqa_result_test.json").read_text()
+    assert main(_cli_args(vqa_data, run, "--evaluate")) == 0
+    assert (run / "vqa_result_test.json").read_text() == first
+
+
+def test_cli_bad_answer_list_is_one_line_exit_2(vqa_data, tmp_path, capsys):
+    from albef.tasks.vqa import main
+
+    bad = tmp_path / "answers.json"
+    bad.write_text(json.dumps(["red", "red"]))
+    assert main(_cli_args(vqa_data, tmp_path / "run", f"vqa.answer_list={bad}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "answers.json" in err and "'red'" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.pt"))
+
+
+@needs_original
+def test_cli_evaluates_the_original_tiny_vqa_checkpoint(vqa_data, tmp_path, capsys):
+    """The released format through `--init-from ... --evaluate`: loads completely and answers."""
+    from albef.tasks.vqa import main
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text((DOWNSTREAM / "configs" / "config_bert_tiny_l12.json").read_text())
+    special = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
+    words = ["red", "green", "blue", "what", "colour", "is", "the", "how", "many", "are", "there"]
+    vocab = [special.get(i, words[i - 1000] if 1000 <= i < 1000 + len(words) else f"tok{i}") for i in range(30522)]
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    args = _cli_args(vqa_data, tmp_path / "run", "--evaluate", "--init-from", str(DOWNSTREAM / "tiny_vqa.pth"),
+                     f"model.text.bert={bert}", "model.text.fusion_layer=6", "model.text.config_overrides.num_hidden_layers=12",
+                     "model.vision.image_size=96", "model.vision.patch_size=16", "model.vision.embed_dim=64",
+                     "model.vision.depth=2", "model.vision.num_heads=4", "model.vision.mlp_ratio=4.0")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "tiny_vqa.pth" in err and "missing" not in err
+    results = json.loads((tmp_path / "run" / "vqa_result_test.json").read_text())
+    assert len(results) == len(json.loads(Path(vqa_data["test"]).read_text()))
