@@ -344,7 +344,8 @@ def test_decoder_init_from_pretraining_copies_the_original_rule_tensors():
         if key.startswith(("text_encoder.", "text_encoder_m.")):
             assert torch.equal(ours[key], pretrain[key]), key
     assert not any(k.startswith("text_encoder.cls") for k in ours)
-    assert model.text_decoder.cls.predictions.decoder.weight is model.text_decoder.bert.embeddings.word_embeddings.weight
+    decoder = model.text_decoder
+    assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
     for key in POS_EMBEDS:
         assert ours[key].shape == (1, 37, 64)
         assert torch.equal(ours[key][:, 0], pretrain[key][:, 0])
@@ -514,7 +515,8 @@ def test_cli_evaluates_the_original_tiny_vqa_checkpoint(vqa_data, tmp_path, caps
     vocab = [special.get(i, words[i - 1000] if 1000 <= i < 1000 + len(words) else f"tok{i}") for i in range(30522)]
     (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
     args = _cli_args(vqa_data, tmp_path / "run", "--evaluate", "--init-from", str(DOWNSTREAM / "tiny_vqa.pth"),
-                     f"model.text.bert={bert}", "model.text.fusion_layer=6", "model.text.config_overrides.num_hidden_layers=12",
+                     f"model.text.bert={bert}", "model.text.fusion_layer=6",
+                     "model.text.config_overrides.num_hidden_layers=12",
                      "model.vision.image_size=96", "model.vision.patch_size=16", "model.vision.embed_dim=64",
                      "model.vision.depth=2", "model.vision.num_heads=4", "model.vision.mlp_ratio=4.0")
     assert main(args) == 0
@@ -522,3 +524,29 @@ def test_cli_evaluates_the_original_tiny_vqa_checkpoint(vqa_data, tmp_path, caps
     assert "tiny_vqa.pth" in err and "missing" not in err
     results = json.loads((tmp_path / "run" / "vqa_result_test.json").read_text())
     assert len(results) == len(json.loads(Path(vqa_data["test"]).read_text()))
+
+
+def test_model_from_bert_weights_decoder_takes_the_first_layers_and_mlm_head(tmp_path):
+    """ALBEF builds both from bert-base-uncased: the decoder gets its first layers and MLM head."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import write_tiny_bert
+    from transformers import BertForMaskedLM
+
+    from albef.config import Config
+    from albef.models.vqa import build_vqa_model
+
+    bert = write_tiny_bert(tmp_path / "bert", hf_class=BertForMaskedLM)
+    cfg = Config.from_dict({"model": {
+        "vision": {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "pretrained": False},
+        "text": {"bert": str(bert), "pretrained": True, "fusion_layer": 2}}})
+    model = build_vqa_model(cfg)
+    hf = BertForMaskedLM.from_pretrained(str(bert)).state_dict()
+    decoder = model.text_decoder.state_dict()
+    assert len(model.text_decoder.bert.encoder.layer) == 2 and model.text_encoder.cls is None
+    for key, value in decoder.items():
+        if ".crossattention." not in key and key in hf:
+            assert torch.equal(value, hf[key]), key
+    assert any(".crossattention." in k for k in decoder)
+    assert torch.equal(model.text_encoder.state_dict()["bert.encoder.layer.3.output.dense.weight"],
+                       hf["bert.encoder.layer.3.output.dense.weight"])

@@ -130,8 +130,9 @@ class VQAModel(nn.Module):
     def encode_question(self, images: Tensor, question_ids: Tensor, question_mask: Tensor, momentum: bool = False
                         ) -> Tensor:
         """Question states [B, L, W] fused with the image."""
-        vit, bert = (self.visual_encoder_m, self.text_encoder_m) if momentum else (self.visual_encoder, self.text_encoder)
-        return bert(question_ids, question_mask, vit(images))
+        if momentum:
+            return self.text_encoder_m(question_ids, question_mask, self.visual_encoder_m(images))
+        return self.text_encoder(question_ids, question_mask, self.visual_encoder(images))
 
     def forward(
         self,

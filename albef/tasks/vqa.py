@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from albef.checkpoint import LoadReport, load_weights
 from albef.cli import run_task
 from albef.config import Config
-from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
+from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, set_epoch
 from albef.data.transforms import eval_transform, train_transform
 from albef.data.vqa import (VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions,
                             vqa_accuracy)
@@ -111,7 +111,7 @@ class VQATask:
         files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
         if not files:
             return {}
-        results = answer_questions(model, cfg, files, dist)
+        results = answer_questions(getattr(model, "module", model), cfg, files, dist)
         metrics: dict[str, float] = {"num_questions": float(len(results))}
         if dist.rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
@@ -122,8 +122,9 @@ class VQATask:
         if acc is not None:
             metrics["acc"] = acc
             key = tuple(cfg.data.train_files)
-            if key not in self._majority:
-                self._majority[key] = majority_answer(cfg.data.train_files)
+            if key not in self._majority:  # --evaluate may run without the training files
+                have_files = key and all(os.path.isfile(f) for f in key)
+                self._majority[key] = majority_answer(key) if have_files else None
             majority = self._majority[key]
             if majority is not None:
                 baseline = [{"question_id": r["question_id"], "answer": majority} for r in results]
@@ -154,7 +155,8 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
     results = []
     for batch in loader:
         if batch["skipped"]:
-            raise RuntimeError(f"evaluation images could not be read ({batch['skipped']}); check eval.image_root")
+            raise AnnotationError(f"{', '.join(files)}: evaluation images could not be read "
+                                  f"({batch['skipped']}); check eval.image_root and the 'image' paths")
         images = batch["images"].to(device)
         question_ids, question_mask = batch["question_ids"].to(device), batch["question_mask"].to(device)
         states = model.encode_question(images, question_ids, question_mask)
