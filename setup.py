@@ -26,6 +26,7 @@ setup(
             "albef-ve=albef.tasks.ve:main",
             "albef-nlvr=albef.tasks.nlvr:main",
             "albef-nlvr-pretrain=albef.tasks.nlvr_pretrain:main",
+            "albef-vqa=albef.tasks.vqa:main",
         ]
     },
 )

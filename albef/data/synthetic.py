@@ -371,6 +371,62 @@ def generate_reasoning_sets(
             paths[f"{task}_{split}"] = os.path.join(out_dir, f"{task}_{split}.json")
             with open(paths[f"{task}_{split}"], "w", encoding="utf-8") as fp:
                 json.dump(entries, fp, indent=0)
+
+
+# ----------------------------------------------------------------------------- VQA set (albef-vqa demo)
+
+VQA_COUNTS = ("0", "1", "2")
+
+
+def vqa_questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[str, str]]:
+    """Two (question, answer) pairs about a scene: the colour of a shape drawn once, and how many
+    of some shape there are (drawn or not, half the time each)."""
+    counts = {s: sum(item.shape == s for item in shapes) for s in SHAPES}
+    unique = [item for item in shapes if counts[item.shape] == 1]
+    pairs = []
+    if unique:
+        item = rng.choice(unique)
+        pairs.append((f"what colour is the {item.shape}?", item.color))
+    drawn = sorted({item.shape for item in shapes})
+    asked = rng.choice(drawn if rng.random() < 0.5 else [s for s in SHAPES if not counts[s]])
+    pairs.append((f"how many {asked}s are there?", str(counts[asked])))
+    return pairs
+
+
+def _human_answers(rng: random.Random, answer: str, num: int = 10, agreement: float = 0.9) -> list[str]:
+    """`num` annotators: each gives `answer`, or with probability 1 - agreement another answer of its kind."""
+    kind = VQA_COUNTS if answer in VQA_COUNTS else tuple(COLORS)
+    return [answer if rng.random() < agreement else rng.choice([a for a in kind if a != answer]) for _ in range(num)]
+
+
+def generate_vqa_set(out_dir: str, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
+                     seed: int = 1) -> dict[str, str]:
+    """Write a VQA set of new scenes under `out_dir`, next to the caption corpus and sharing its
+    vocabulary in bert/ (written if absent): images/vqa_{split}_NNNNNN.jpg, vqa_train.json,
+    vqa_val.json and vqa_test.json (`num_test` scenes each; albef-vqa format, 10 noisy human
+    answers per question), vqa_answer_list.json (8 colours, counts 0-2). CLI: ``python -m albef.data.synthetic --out demo_data --vqa``."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    paths = {"image_root": out_dir}
+    for split, count, first_id in (("train", num_train, 0), ("val", num_test, 10_000_000),
+                                   ("test", num_test, 20_000_000)):
+        entries = []
+        for i in range(count):
+            background, shapes, _ = random_scene(rng, 1)
+            path = f"images/vqa_{split}_{i:06d}.jpg"
+            render(background, shapes, image_size).save(os.path.join(out_dir, path), quality=95)
+            for j, (question, answer) in enumerate(vqa_questions(rng, shapes)):
+                entries.append({"question_id": first_id + 10 * i + j, "question": question, "image": path,
+                                "answer": _human_answers(rng, answer), "dataset": "vqa"})
+        paths[split] = os.path.join(out_dir, f"vqa_{split}.json")
+        with open(paths[split], "w", encoding="utf-8") as fp:
+            json.dump(entries, fp, indent=0)
+    paths["answer_list"] = os.path.join(out_dir, "vqa_answer_list.json")
+    with open(paths["answer_list"], "w", encoding="utf-8") as fp:
+        json.dump([*COLORS, *VQA_COUNTS], fp)
+    paths["bert"] = os.path.join(out_dir, "bert")
+    if not os.path.isfile(os.path.join(paths["bert"], "vocab.txt")):
+        write_bert_dir(paths["bert"])
     return paths
 
 
@@ -385,10 +441,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reasoning", action="store_true",
                         help="write the VE / NLVR2 sets (num-train, num-test each, val = test size) instead")
+    parser.add_argument("--vqa", action="store_true",
+                        help="write the VQA set of --num-train/--num-test new scenes instead (generate_vqa_set)")
     args = parser.parse_args(argv)
     if args.reasoning:
         paths = generate_reasoning_sets(
             args.out, args.num_train, args.num_test, args.num_test, args.image_size, args.seed)
+    elif args.vqa:
+        paths = generate_vqa_set(args.out, args.num_train, args.num_test, args.image_size, args.seed + 1)
     else:
         paths = generate_corpus(
             args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image,
