@@ -22,6 +22,7 @@ import pickle
 import re
 import shutil
 import socket
+import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -38,7 +39,7 @@ __all__ = [
     "CheckpointError", "LoadReport", "load_checkpoint_file", "save_checkpoint", "find_latest",
     "checkpoint_dir", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
     "save_pretrained", "tmp_checkpoint_dir", "publish_checkpoint_dir", "is_dcp_checkpoint",
-    "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state",
+    "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state", "read_model_state", "load_weights",
 ]
 
 LATEST = "latest"
@@ -57,7 +58,7 @@ _TIED_ALIASES = {
 _POSITION_IDS = "embeddings.position_ids"  # HF BERT buffer, recomputable
 _QUEUES = ("image_queue", "text_queue", "idx_queue")
 _QUEUE_STATE = (*_QUEUES, "queue_ptr")
-_MAX_LINES = 20  # shape mismatches listed in an error
+_MAX_SHOWN = 5  # shape mismatches named in an error
 _SHAPE_FIX = "check model.embed_dim / model.vision / model.text sizes in the config"
 
 
@@ -322,13 +323,43 @@ class LoadReport:
     reinitialised: list[str] = field(default_factory=list)  # in both, model's fresh value kept
     missing: list[str] = field(default_factory=list)        # model keys the file lacks (allowed)
     unexpected: list[str] = field(default_factory=list)     # file keys the model lacks (ignored)
-    skipped: list[str] = field(default_factory=list)        # matched a `skip` pattern
+    skipped: list[str] = field(default_factory=list)        # file keys declared unused by the task
+    new: list[str] = field(default_factory=list)            # model keys declared new: fresh init kept
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         counts = ", ".join(f"{len(getattr(self, n))} {n}" for n in (
-            "loaded", "resampled", "reinitialised", "missing", "unexpected", "skipped"))
+            "loaded", "resampled", "reinitialised", "new", "missing", "unexpected", "skipped"))
         return "; ".join([f"{self.source}: {counts}", *self.notes])
+
+    def details(self) -> list[str]:
+        """The summary line, then one line per kind of key that did not simply load, with the
+        keys grouped by module (`text_encoder.cls.* (9)`), for users to read."""
+        lines = [f"loaded {self.source}: {len(self.loaded)} tensors"]
+        for label, keys in (("resampled", self.resampled), ("freshly initialised (new)", self.new),
+                            ("re-initialised", self.reinitialised), ("skipped (unused)", self.skipped),
+                            ("not in the file (tied or recomputable)", self.missing),
+                            ("ignored (aliases, buffers)", self.unexpected)):
+            if keys:
+                lines.append(f"  {label}: {', '.join(group_keys(keys))}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return lines
+
+    def print(self, file: Any = None) -> None:
+        """Show the report where users see it (stderr by default); only the first rank prints."""
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\n".join(self.details()), file=file or sys.stderr, flush=True)
+
+
+def group_keys(keys: Iterable[str], depth: int = 3) -> list[str]:
+    """Keys grouped by their first `depth` name parts: ['visual_encoder.blocks.0.* (12)', 'temp']."""
+    groups: dict[str, int] = {}
+    for key in sorted(keys):
+        parts = key.split(".")
+        name = key if len(parts) <= depth else ".".join(parts[:depth]) + ".*"
+        groups[name] = groups.get(name, 0) + 1
+    return [name if count == 1 and not name.endswith("*") else f"{name} ({count})"
+            for name, count in groups.items()]
 
 
 def map_albef_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -442,21 +473,28 @@ def load_training_state(model: torch.nn.Module, state: dict[str, torch.Tensor], 
 
 
 def match_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                     skip: Iterable[str] = (), source: str = "checkpoint"
+                     skip: Iterable[str] = (), source: str = "checkpoint", *,
+                     unused: Iterable[str] = (), new: Iterable[str] = ()
                      ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Match a (key-mapped) checkpoint state dict to the model's `target` state dict.
+    """Match a (key-mapped) checkpoint state dict to the model's `target` state dict: the one
+    policy for every weight file (vision init, BERT init, `--init-from`, `load_pretrained`).
 
     Returns a state dict with exactly the model's keys (ready for a strict load_state_dict)
-    and the report. `skip` patterns (fnmatch or module prefix) name keys to leave alone on both
-    sides. Built-in allowances: HF `position_ids` buffers, MLM decoder aliases equal to the
-    tensors they are tied to, a missing `idx_queue`, resized queues (re-initialised) and
-    pos_embed grids (resampled). Anything else missing, unexpected or of another shape raises
-    CheckpointError.
+    and the report. Patterns are fnmatch patterns or module prefixes. `unused` names file keys
+    the task does not use (dropped, reported as skipped); `new` names model keys the task adds
+    (kept at their fresh initialisation when the file lacks them, reported as new); `skip`
+    applies to both sides. Built-in allowances: HF `position_ids` buffers, MLM decoder aliases
+    equal to the tensors they are tied to, a missing `idx_queue`, resized queues
+    (re-initialised) and pos_embed grids (resampled). Anything else missing, unexpected or of
+    another shape raises CheckpointError naming the keys.
     """
-    skip, report = list(skip), LoadReport(source)
+    skip, unused, new, report = list(skip), list(unused), list(new), LoadReport(source)
     report.skipped = sorted(k for k in state.keys() | target.keys() if _matches(k, skip))
+    report.skipped += sorted(k for k in state.keys() - set(report.skipped) if _matches(k, unused))
     state = {k: v for k, v in state.items() if k not in report.skipped}
     kept = {k for k in target if k in report.skipped}  # model keys that keep their values
+    report.new = sorted(k for k in target.keys() - state.keys() - kept if _matches(k, new))
+    kept |= set(report.new)
 
     _match_queues(state, target, report)
     _match_pos_embed(state, target, report)
@@ -480,19 +518,17 @@ def match_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Ten
         parts = [f"{what} keys {_names(sorted(keys))}"
                  for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise CheckpointError(
-            f"{source} does not match the model: {', '.join(parts)}; {_SHAPE_FIX}, or pass "
-            "skip patterns for keys that are meant to be left out")
+            f"{source} does not match the model: {', '.join(parts)}; {_SHAPE_FIX}, or use a "
+            "checkpoint of a model this task can start from")
 
     common = sorted(state.keys() & target.keys())
     wrong = [k for k in common if state[k].shape != target[k].shape]
     if wrong:
-        lines = [f"{k}: checkpoint {_shape(state[k])} vs model {_shape(target[k])}"
-                 for k in wrong[:_MAX_LINES]]
-        if len(wrong) > _MAX_LINES:
-            lines.append(f"... and {len(wrong) - _MAX_LINES} more")
-        raise CheckpointError("\n".join(
-            [f"{source}: {len(wrong)} tensors differ in shape from the model ({_SHAPE_FIX}):",
-             *lines]))
+        shown = "; ".join(f"{k}: checkpoint {_shape(state[k])} vs model {_shape(target[k])}"
+                          for k in wrong[:_MAX_SHOWN])
+        more = f"; and {len(wrong) - _MAX_SHOWN} more" if len(wrong) > _MAX_SHOWN else ""
+        raise CheckpointError(f"{source}: {len(wrong)} tensors differ in shape from the model ({shown}{more}); "
+                              f"{_SHAPE_FIX}")
     for group in {tuple(g) for g in tied.values()}:
         present = [k for k in group if k in state]
         if any(not _same_values(state[present[0]], state[k]) for k in present[1:]):
@@ -511,9 +547,9 @@ def match_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Ten
     return final, report
 
 
-def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+def unwrap_model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     """The state dict of our checkpoints / ALBEF's (under 'model') or of a plain state dict."""
-    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    state = next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: not a model state dict: '{key}' holds a "
@@ -521,17 +557,58 @@ def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, skip: Iterable[str] = ()
-                    ) -> LoadReport:
-    """Load our checkpoint, a released ALBEF .pth or a plain state dict into `model`.
-
-    Every key is accounted for (see `match_state_dict`); the returned report says how.
-    """
+def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights of any weight file we accept, with ALBEF's text-encoder keys mapped to
+    ours: this framework's `.pt` checkpoints and `.dcp` directories, released ALBEF `.pth`
+    files (`{'model': state_dict}`), plain state dicts and `.safetensors`. Nothing in the file
+    is executed."""
     path = Path(path)
-    state = map_albef_keys(_model_state(load_checkpoint_file(path), path))
-    final, report = match_state_dict(state, model.state_dict(), skip, source=str(path))
+    if path.is_dir():
+        if not is_dcp_checkpoint(path):
+            found = find_latest(path) or find_latest(checkpoint_dir(path))
+            if found is None:
+                raise CheckpointError(f"{path}: a directory without step_*.pt / step_*.dcp checkpoints; "
+                                      "pass a checkpoint file or a run directory")
+            path = found
+    state = _read_dcp_model_state(path) if is_dcp_checkpoint(path) else \
+        unwrap_model_state(load_checkpoint_file(path), path)
+    return map_albef_keys(state)
+
+
+def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state of a `.dcp` checkpoint, read in this one process."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not _is_complete(path):
+        raise CheckpointError(f"{path}: incomplete .dcp checkpoint (no {_DCP_METADATA} or {DCP_TRAINER_STATE})")
+    check_dcp_directory(path)
+    try:
+        loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read the model shards ({type(err).__name__}: "
+                              f"{_first_line(err)})") from err
+    return unwrap_model_state(loaded, path)
+
+
+def check_dcp_directory(path: Path) -> None:
+    """Placeholder for the restricted-unpickler check of every file of a `.dcp` directory."""
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,
+                 unused: Iterable[str] = (), new: Iterable[str] = (), skip: Iterable[str] = ()
+                 ) -> LoadReport:
+    """Load `state` into `model` under the one policy of `match_state_dict`; returns the report."""
+    final, report = match_state_dict(state, model.state_dict(), skip, source=source, unused=unused, new=new)
     model.load_state_dict(final, strict=True)
     return report
+
+
+def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, skip: Iterable[str] = (), *,
+                    unused: Iterable[str] = (), new: Iterable[str] = ()) -> LoadReport:
+    """Load our checkpoint (`.pt` or `.dcp`), a released ALBEF .pth or a plain state dict into
+    `model`. Every key is accounted for (see `match_state_dict`); the returned report says how.
+    """
+    return load_weights(model, read_model_state(path), str(path), unused=unused, new=new, skip=skip)
 
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike,

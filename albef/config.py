@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class VisionConfig:
     arch: str = "deit_base_patch16_224"
     image_size: int = 256
-    pretrained: bool = False
+    pretrained: bool = True  # timm's weights for `arch` (ALBEF starts from DeiT-B/16)
     checkpoint: str | None = None
     embed_dim: int | None = None
     depth: int | None = None
@@ -59,6 +59,9 @@ class ModelConfig:
     temp: float = 0.07
     momentum: float = 0.995
     queue_size: int = 65536
+    distill: bool = True  # momentum distillation (ALBEF's `distill`); false: no momentum targets
+    init_checkpoint: str | None = None  # weights to start from (`--init-from`): ours or released ALBEF
+    init_queues: Literal["keep", "fresh"] = "keep"  # keep: take the checkpoint's feature queues (ALBEF)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -79,6 +82,8 @@ class LossConfig:
     mlm_probability: float = 0.15
     itc_gather_batch: bool = False
     itm_negatives: Literal["local", "global"] = "local"
+    same_id_positives: bool = False  # ITC positives: false = the pair only (ALBEF pretraining),
+    #                                  true = every caption of the same image (ALBEF retrieval)
 
 
 @dataclass
@@ -128,8 +133,10 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    test_files: list[str] = field(default_factory=list)
     image_root: str = ""
+    max_tokens: int = 30  # captions are tokenised to this length for evaluation (ALBEF: 30)
     batch_size: int = 64
     k_test: int = 256
     num_workers: int = 4
@@ -290,7 +297,7 @@ _RANGES = {
     "train.max_nonfinite": "[1, inf)",
     "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
     "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
-    "eval.batch_size": "[1, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
+    "eval.batch_size": "[1, inf)", "eval.max_tokens": "[3, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
     "grounding.block_num": "[0, inf)", "grounding.box_alpha": "[0, inf)", "grounding.visualize_count": "[1, inf)",
 }
 
@@ -448,9 +455,10 @@ def _looks_like_path(name: str) -> bool:
     return "/" in name and os.path.isdir(name.split("/")[0])
 
 
-def check_paths(cfg: Config) -> None:
+def check_paths(cfg: Config, training: bool = True) -> None:
     """Checks that need the environment: the files the config names exist (relative to the
-    working directory) and model.text.config_overrides are BertConfig fields."""
+    working directory; the training data only when `training`) and model.text.config_overrides
+    are BertConfig fields."""
     origins = getattr(cfg, "_origins", _Origins("<config>"))
     cwd = os.getcwd()
 
@@ -459,15 +467,18 @@ def check_paths(cfg: Config) -> None:
         if not exists:
             raise origins.error(key, f"{kind} not found: '{path}' (relative to {cwd})")
 
-    if cfg.data.format == "json":
+    if training and cfg.data.format == "json":
         for i, file in enumerate(cfg.data.train_files):
             need(f"data.train_files[{i}]", file)
         if cfg.data.image_root:
             need("data.image_root", cfg.data.image_root, "directory")
-    for i, file in enumerate(cfg.eval.files):
-        need(f"eval.files[{i}]", file)
-    if cfg.eval.files and cfg.eval.image_root:
+    for split in ("val_files", "test_files"):
+        for i, file in enumerate(getattr(cfg.eval, split)):
+            need(f"eval.{split}[{i}]", file)
+    if (cfg.eval.val_files or cfg.eval.test_files) and cfg.eval.image_root:
         need("eval.image_root", cfg.eval.image_root, "directory")
+    if cfg.model.init_checkpoint:
+        need("model.init_checkpoint", cfg.model.init_checkpoint, "file or directory")
     if cfg.model.vision.checkpoint:
         need("model.vision.checkpoint", cfg.model.vision.checkpoint)
     text = cfg.model.text

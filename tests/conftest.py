@@ -46,6 +46,7 @@ def tiny_config(tmp_path: Path, weights: dict | None = None, **loss) -> Config:
     vision = cfg.model.vision
     vision.image_size, vision.patch_size, vision.embed_dim, vision.depth, vision.num_heads, vision.mlp_ratio = (
         32, 8, 24, 1, 2, 2.0)
+    vision.pretrained = False  # random init: tests never download
     text = cfg.model.text
     bert_dir = tmp_path / "bert"
     text.bert = str(bert_dir if bert_dir.exists() else write_tiny_bert(bert_dir))
@@ -124,3 +125,28 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> tuple
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-4000:]
     return stdout, stderr
+
+
+# ----------------------------------------------------------------------------- the original's checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL = Path(os.environ.get("ALBEF_ORIGINAL_DIR", ROOT.parent / "shared" / "albef_original"))
+DOWNSTREAM = ORIGINAL / "downstream"
+BERT_SPECIAL = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
+
+
+def needs_original(*files: Path):
+    """Skip marker for tests that read checkpoints the original ALBEF code wrote (../shared)."""
+    missing = [f for f in files if not f.exists()]
+    return __import__("pytest").mark.skipif(
+        bool(missing), reason=f"checkpoints written by the original ALBEF code not found: {missing} "
+        "(they live in ../shared/albef_original, or set ALBEF_ORIGINAL_DIR)")
+
+
+def write_original_bert(path: Path, config_json: Path) -> Path:
+    """A BERT dir with one of the original's tiny configs and a bert-base-uncased-sized vocab
+    (special token ids as BERT's), as the original's tiny checkpoints need."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config_json.read_text())
+    (path / "vocab.txt").write_text("\n".join(BERT_SPECIAL.get(i, f"tok{i}") for i in range(30522)) + "\n")
+    return path

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertForMaskedLM, BertModel
 
+from albef.checkpoint import CheckpointError
 from albef.models.bert import TextEncoder
 from conftest import write_tiny_bert
 
@@ -20,7 +21,8 @@ def _batch():
 def test_text_mode_matches_hf_bert_model(tmp_path, attention):
     bert_dir = write_tiny_bert(tmp_path / "bert", BertModel)
     reference = BertModel.from_pretrained(bert_dir).eval()
-    ours = TextEncoder.from_pretrained(bert_dir, fusion_layer=4, encoder_width=IMAGE_WIDTH, attention=attention).eval()
+    ours = TextEncoder.from_pretrained(bert_dir, fusion_layer=4, encoder_width=IMAGE_WIDTH, attention=attention,
+                                       mlm_head=False).eval()
     ids, mask = _batch()
     with torch.no_grad():
         expected = reference(ids, attention_mask=mask).last_hidden_state
@@ -42,22 +44,69 @@ def test_masked_lm_checkpoint_gives_hf_mlm_logits(tmp_path):
     assert ours.cls.predictions.decoder.bias is ours.cls.predictions.bias
 
 
-def test_load_reports_new_cross_attention_and_unused_pooler(tmp_path):
-    bert_dir = write_tiny_bert(tmp_path / "bert", BertModel)
+def _hub_layout_state(bert_dir):
+    """BertForMaskedLM weights as the hub's old bert-base-uncased file names them: `bert.` prefix,
+    LayerNorm `gamma`/`beta`, no tied decoder weight; every tensor given a distinctive value."""
+    state = load_file(bert_dir / "model.safetensors")
+    generator = torch.Generator().manual_seed(7)
+    hub = {}
+    for key, value in state.items():
+        if key == "cls.predictions.decoder.weight":
+            continue
+        key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        hub[key] = torch.randn(value.shape, generator=generator)
+    hub["bert.pooler.dense.weight"] = torch.randn(32, 32, generator=generator)
+    hub["bert.pooler.dense.bias"] = torch.randn(32, generator=generator)
+    hub["cls.seq_relationship.weight"] = torch.randn(2, 32, generator=generator)
+    return hub
+
+
+def test_hub_layout_with_legacy_layernorm_names_loads_every_tensor(tmp_path):
+    bert_dir = write_tiny_bert(tmp_path / "bert", BertForMaskedLM)
+    hub = _hub_layout_state(bert_dir)
     ours = TextEncoder.from_pretrained(bert_dir, fusion_layer=2, encoder_width=IMAGE_WIDTH, load_weights=False)
-    result = ours.load_bert_state_dict(load_file(bert_dir / "model.safetensors"))
-    assert set(result.unexpected_keys) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
-    new = set(result.missing_keys)
-    assert {k for k in new if "crossattention" in k} == {
+    report = ours.load_bert_state_dict(hub)
+    own = ours.state_dict()
+    for key, value in hub.items():
+        name = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if name.startswith(("bert.pooler", "cls.seq_relationship")):
+            assert key in report.skipped
+            continue
+        assert torch.equal(own[name], value), name
+    assert torch.equal(own["cls.predictions.decoder.weight"], hub["bert.embeddings.word_embeddings.weight"])
+    layernorms = [k for k in own if "LayerNorm" in k and "crossattention" not in k]
+    assert len(layernorms) == 2 * (1 + 2 * 4 + 1)  # embeddings, 2 per layer, MLM head: all loaded
+    assert set(report.new) == {
         f"bert.encoder.layer.{i}.crossattention.{name}"
         for i in (2, 3)
         for name in ("self.query.weight", "self.query.bias", "self.key.weight", "self.key.bias",
                      "self.value.weight", "self.value.bias", "output.dense.weight", "output.dense.bias",
                      "output.LayerNorm.weight", "output.LayerNorm.bias")
     }
-    assert all(k.startswith("cls.") or "crossattention" in k for k in new)
-    assert "bert.embeddings.word_embeddings.weight" not in new
     assert ours.bert.encoder.layer[2].crossattention.self.key.weight.shape == (32, IMAGE_WIDTH)
+
+
+def test_unprefixed_bert_model_file_loads_into_an_encoder_without_mlm_head(tmp_path):
+    bert_dir = write_tiny_bert(tmp_path / "bert", BertModel)
+    state = load_file(bert_dir / "model.safetensors")
+    ours = TextEncoder.from_pretrained(bert_dir, fusion_layer=2, encoder_width=IMAGE_WIDTH, mlm_head=False)
+    own = ours.state_dict()
+    for key, value in state.items():
+        if not key.startswith("pooler"):
+            assert torch.equal(own[f"bert.{key}"], value), key
+
+
+def test_a_bert_file_missing_a_key_is_refused_in_one_line(tmp_path):
+    bert_dir = write_tiny_bert(tmp_path / "bert", BertForMaskedLM)
+    hub = _hub_layout_state(bert_dir)
+    del hub["bert.encoder.layer.1.output.LayerNorm.gamma"]
+    ours = TextEncoder.from_pretrained(bert_dir, fusion_layer=2, encoder_width=IMAGE_WIDTH, load_weights=False)
+    with pytest.raises(CheckpointError, match="bert.encoder.layer.1.output.LayerNorm.weight") as err:
+        ours.load_bert_state_dict(hub)
+    assert "\n" not in str(err.value)
+    # a BertModel file has no MLM head: a model that needs one does not silently keep a random head
+    with pytest.raises(CheckpointError, match="cls.predictions"):
+        TextEncoder.from_pretrained(write_tiny_bert(tmp_path / "plain", BertModel), 2, IMAGE_WIDTH)
 
 
 def test_fusion_mode_uses_the_image_and_composes_with_text_mode(tmp_path):

@@ -87,9 +87,15 @@ def test_load_annotations_expands_captions_and_assigns_ids(tmp_path):
     samples = load_annotations([a, b])
     assert [s["caption"] for s in samples] == ["first", "second", "third", "fourth", "fifth", "sixth"]
     ids = [s["id"] for s in samples]
-    assert ids[0] == ids[1] == ids[5]  # one image, one id, across files
-    assert ids[3] == 7
-    assert len(set(ids)) == 4 and min(i for i in ids if i != 7) > 7
+    assert ids == [0, 0, 1, 2, 3, 0]  # consecutive; one image path, one id, across files
+
+
+def test_image_ids_of_different_files_never_collide(tmp_path):
+    a = _write_json(tmp_path / "coco.json", [{"image": "coco/1.jpg", "caption": "a", "image_id": 5}])
+    b = _write_json(tmp_path / "vg.json", [{"image": "vg/1.jpg", "caption": "b", "image_id": 5},
+                                           {"image": "vg/2.jpg", "caption": "c", "image_id": -100}])
+    ids = [s["id"] for s in load_annotations([a, b])]
+    assert ids == [0, 1, 2]  # same number in two files: two images; no id is negative (queue marker)
 
 
 def test_malformed_json_names_file_line_and_column(tmp_path):

@@ -7,6 +7,8 @@ import pytest
 import timm
 import torch
 
+from albef.checkpoint import CheckpointError, resample_pos_embed
+from albef.config import load_config
 from albef.models import build_model
 from albef.models.albef import ALBEF, mask_tokens, sample_negatives
 from albef.models.bert import TextEncoder
@@ -205,5 +207,40 @@ def test_vision_checkpoint_init_resamples_pos_embed_and_drops_the_head(tmp_path)
         assert torch.equal(encoder(images), encoder.forward_features(images))
 
     vcfg.embed_dim = vcfg.num_heads = 4
-    with pytest.raises(ValueError, match="cls_token"):
+    with pytest.raises(CheckpointError, match="18 tensors differ in shape .*blocks.0.attn.proj.bias") as err:
         build_vision_encoder(vcfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model.", ""])
+def test_deit_shaped_file_with_wrapper_prefix_loads_every_tensor(tmp_path, prefix):
+    vcfg = tiny_config(tmp_path).model.vision
+    torch.manual_seed(1)
+    source = timm.create_model(vcfg.arch, img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                               mlp_ratio=2.0, num_classes=10)  # a DeiT classifier, head included
+    torch.save({"model": {prefix + k: v for k, v in source.state_dict().items()}}, tmp_path / "deit.pth")
+    vcfg.checkpoint = str(tmp_path / "deit.pth")
+    encoder = build_vision_encoder(vcfg)
+    for key, value in encoder.state_dict().items():
+        if key == "pos_embed":
+            expected = resample_pos_embed(source.pos_embed.detach(), (4, 4))
+            assert value.shape == (1, 17, 24)
+            torch.testing.assert_close(value, expected, rtol=0, atol=0)
+        else:
+            assert torch.equal(value, source.state_dict()[key]), key
+
+
+def test_vision_file_missing_a_block_is_refused(tmp_path):
+    vcfg = tiny_config(tmp_path).model.vision
+    source = timm.create_model(vcfg.arch, img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, mlp_ratio=2.0)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.0.mlp")}
+    torch.save(state, tmp_path / "vit.pth")
+    vcfg.checkpoint = str(tmp_path / "vit.pth")
+    with pytest.raises(CheckpointError, match="missing keys 4 .*blocks.0.mlp.fc1.bias"):
+        build_vision_encoder(vcfg)
+
+
+def test_pretraining_config_starts_the_vit_from_deit():
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"))
+    assert cfg.model.vision.arch == "deit_base_patch16_224"
+    assert cfg.model.vision.pretrained or cfg.model.vision.checkpoint

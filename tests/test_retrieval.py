@@ -117,11 +117,14 @@ def test_rerank_scores_exactly_the_top_k():
         calls.append(len(rows))
         return 10.0 * rows + cols  # distinguishable per pair
 
-    scores = rerank(sims, k=2, pair_scores=pair_scores, batch_size=3)
+    scores, with_itc = rerank(sims, k=2, pair_scores=pair_scores, batch_size=3)
     expected = torch.full((2, 4), -100.0)
     expected[0, 0], expected[0, 3] = 0.0, 3.0
     expected[1, 1], expected[1, 2] = 11.0, 12.0
     assert torch.equal(scores, expected)
+    in_top_k = expected > -100
+    assert torch.equal(with_itc[in_top_k], (expected + sims)[in_top_k])
+    assert (with_itc[~in_top_k] == -100).all()
     assert calls == [3, 1]  # 4 pairs in fusion batches of at most 3
 
 
@@ -146,7 +149,7 @@ def tiny_config(corpus: Path, *overrides: str):
         str(CONFIGS / "test_tiny.yaml"),
         [
             f"model.text.bert={corpus / 'bert'}",
-            f"eval.files=[{corpus / 'test.json'}]",
+            f"eval.test_files=[{corpus / 'test.json'}]",
             f"eval.image_root={corpus}",
             *overrides,
         ],
@@ -218,14 +221,16 @@ def test_cli_evaluates_a_checkpoint(corpus, model, tmp_path, capsys):
     from albef.tasks.retrieval import main
 
     path = save_pretrained(model, tmp_path / "model.pt")
-    args = ["--config", str(CONFIGS / "test_tiny.yaml"), "--checkpoint", str(path)]
-    args += [f"model.text.bert={corpus / 'bert'}", f"eval.files=[{corpus / 'test.json'}]", f"eval.image_root={corpus}"]
+    args = ["--config", str(CONFIGS / "test_tiny.yaml"), "--evaluate", "--init-from", str(path),
+            "--output-dir", str(tmp_path / "run"), "loss.weights.mlm=0"]
+    args += [f"model.text.bert={corpus / 'bert'}", f"eval.test_files=[{corpus / 'test.json'}]", f"eval.image_root={corpus}"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "text -> image" in out and "image -> text" in out and "chance" in out
-    # no checkpoint given and none in the run directory: a one-line error, exit code 2
-    assert main(args[:2] + ["--output-dir", str(tmp_path / "empty")] + args[4:]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "run" / "results" / "test_latest.json").is_file()
+    # a weight file that does not exist: a one-line error, exit code 2
+    assert main(args[:4] + [str(tmp_path / "nothing.pt")] + args[5:]) == 2
+    assert "model.init_checkpoint" in capsys.readouterr().err
 
 
 def test_cli_loads_a_checkpoint_without_mlm_heads_as_albef_retrieval_ones(corpus, model, tmp_path, capsys):
@@ -235,12 +240,14 @@ def test_cli_loads_a_checkpoint_without_mlm_heads_as_albef_retrieval_ones(corpus
 
     state = {k: v for k, v in model.state_dict().items() if ".cls." not in k}
     torch.save({"model": state}, tmp_path / "retrieval.pth")
-    args = ["--config", str(CONFIGS / "test_tiny.yaml"), "--checkpoint", str(tmp_path / "retrieval.pth"),
-            f"model.text.bert={corpus / 'bert'}", f"eval.files=[{corpus / 'test.json'}]", f"eval.image_root={corpus}"]
+    args = ["--config", str(CONFIGS / "test_tiny.yaml"), "--init-from", str(tmp_path / "retrieval.pth"), "--evaluate",
+            f"model.text.bert={corpus / 'bert'}", f"eval.test_files=[{corpus / 'test.json'}]", f"eval.image_root={corpus}",
+            "loss.weights.mlm=0", "--output-dir", str(tmp_path / "run")]
     assert main(args) == 0
     assert "text -> image" in capsys.readouterr().out
 
     del state["itm_head.weight"]
     torch.save({"model": state}, tmp_path / "broken.pth")
     assert main(args[:3] + [str(tmp_path / "broken.pth")] + args[4:]) == 2
-    assert "itm_head.weight" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "itm_head.weight" in err and len(err.strip().splitlines()) == 1

@@ -218,28 +218,24 @@ def load_annotations(files: str | Sequence[str]) -> list[dict]:
     """Read ALBEF annotation files into one flat list of ``{image, caption, id}`` samples.
 
     Each entry is ``{"image": path, "caption": str | [str, ...], "image_id"?: int | str}``; a
-    caption list gives one sample per caption, all sharing the image's id. Integer image_ids are
-    kept; string ids and entries without one (keyed by image path) get consecutive ints above the
-    largest integer id, in order of first appearance.
+    caption list gives one sample per caption, all sharing the image's id. Ids are consecutive
+    integers from 0, in order of first appearance: one per (file, image_id), or per image path
+    for entries without an image_id. So ids of different files never collide, and no id is
+    negative (negative ids mark the feature queue's empty or unknown slots).
     """
     files = [files] if isinstance(files, str) else list(files)
-    entries = []
+    ids: dict[tuple, int] = {}
+    samples = []
     for path in files:
         data = _read_json(path)
         if not isinstance(data, list):
             raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
-        entries += [(entry, _check_entry(entry, path, i)) for i, entry in enumerate(data)]
-
-    given = [e["image_id"] for e, _ in entries if isinstance(e.get("image_id"), int)]
-    next_id = max(given, default=-1) + 1
-    mapped: dict[tuple[str, str], int] = {}
-    samples = []
-    for entry, captions in entries:
-        image_id = entry.get("image_id")
-        if not isinstance(image_id, int):
-            key = ("path", entry["image"]) if image_id is None else ("id", image_id)
-            image_id = mapped.setdefault(key, next_id + len(mapped))
-        samples += [{"image": entry["image"], "caption": caption, "id": image_id} for caption in captions]
+        for i, entry in enumerate(data):
+            captions = _check_entry(entry, path, i)
+            image_id = entry.get("image_id")
+            key = ("path", entry["image"]) if image_id is None else ("id", path, image_id)
+            sample_id = ids.setdefault(key, len(ids))
+            samples += [{"image": entry["image"], "caption": caption, "id": sample_id} for caption in captions]
     return samples
 
 

@@ -21,6 +21,7 @@ class MetricLogger:
 
     def __init__(self, output_dir: str | Path, enabled: bool, log_every: int) -> None:
         self.enabled = enabled
+        self.output_dir = Path(output_dir)
         self.log_every = max(1, log_every)
         self.total_steps: int | None = None
         self.writer: SummaryWriter | None = None
@@ -94,6 +95,26 @@ class MetricLogger:
             eta = (total - step) * elapsed / self._steps
             line += f" eta {datetime.timedelta(seconds=int(eta))}"
         return line
+
+    def results(self, step: int, split: str, result: dict[str, float]) -> Path | None:
+        """Evaluation metrics: TensorBoard `{split}/*`, a line in log.jsonl and
+        OUTPUT_DIR/results/{split}_step{step}.json (`{split}_latest.json` points at the newest)."""
+        if not self.enabled:
+            return None
+        numbers = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for name, value in numbers.items():
+            self.writer.add_scalar(f"{split}/{name}", value, step)
+        self.writer.flush()
+        self.jsonl.write(json.dumps({"step": step, "event": f"eval_{split}", **numbers}) + "\n")
+        self.jsonl.flush()
+        results_dir = self.output_dir / "results"
+        results_dir.mkdir(parents=True, exist_ok=True)
+        path = results_dir / f"{split}_step{step}.json"
+        for target in (path, results_dir / f"{split}_latest.json"):
+            tmp = target.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(result, indent=1, default=str))
+            tmp.replace(target)
+        return path
 
     def event(self, step: int, name: str, **fields: Any) -> None:
         """Record a one-off event (non-finite skip, preemption, bad-data report) and print it."""

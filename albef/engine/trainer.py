@@ -9,6 +9,7 @@ preemption. Each step costs one host synchronisation: a small all_reduce(MAX) of
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import threading
@@ -24,8 +25,9 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from albef.checkpoint import (checkpoint_dir, is_dcp_checkpoint, load_checkpoint_file, load_training_state,
-                              resolve_resume, save_checkpoint)
+from albef.checkpoint import (LoadReport, checkpoint_dir, is_dcp_checkpoint, load_checkpoint_file, load_pretrained,
+                              load_training_state, load_weights, read_model_state, resolve_resume, save_checkpoint,
+                              save_pretrained)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.dist import DistInfo
@@ -64,6 +66,16 @@ class Task(Protocol):
     def find_unused_parameters(self, cfg: Config) -> bool:
         """Whether some trainable parameters get no gradient (DDP must then search for them)."""
 
+    # Optional (fine-tuning tasks):
+    #   best_metric: str | None -- key of `evaluate`'s result that selects best.pt (higher is better)
+    #   def init_weights(self, model, state, source) -> LoadReport
+    #       `--init-from`: map a weight file's state dict (from `read_model_state`) onto the model
+    #       with the original's rule and load it with `load_weights`, declaring unused / new keys.
+    #       Default: the keys must match exactly (pos_embed resampled).
+    #   def evaluate(self, model, cfg, dist, split) -> dict[str, float]
+    #       Metrics on `split` ("val" or "test"), called on every rank with the unwrapped model.
+    #   def format_result(self, result) -> str -- a table for the terminal
+
 
 @dataclass
 class TrainState:
@@ -73,6 +85,9 @@ class TrainState:
     step: int = 0  # optimizer steps taken (skipped non-finite steps included)
     consumed: int = 0  # global samples consumed in `epoch`
     nonfinite_steps: int = 0  # steps skipped for non-finite losses or gradients
+    best_metric: float | None = None  # the task's best_metric on val so far (best.pt holds it)
+    best_epoch: int | None = None
+    evaluated_step: int | None = None  # step of the last val evaluation
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -164,10 +179,14 @@ def _remaining_steps(loader: Any, accum: int, fallback: int) -> int:
 class Trainer:
     """Holds the objects of one run; `fit()` is the loop."""
 
-    def __init__(self, cfg: Config, task: Task, dist: DistInfo, resume: str | None = None) -> None:
+    def __init__(self, cfg: Config, task: Task, dist: DistInfo, resume: str | None = None,
+                 init_from: str | None = None) -> None:
         if cfg.train.strategy == "fsdp" and resolve_precision(cfg.train.precision, dist.device) == torch.float16:
             raise ConfigError("train.precision: 'fp16' is not supported with train.strategy: 'fsdp' (the loss "
                               "scaler does not handle sharded gradients); use bf16 or fp32")
+        if cfg.train.strategy == "fsdp" and dist.world_size > 1 and has_evaluation(task, cfg):
+            raise ConfigError("train.strategy: 'fsdp' does not run the per-epoch evaluation of eval.val_files; "
+                              "fine-tune with train.strategy=ddp or set eval.val_files=[]")
         self.cfg, self.task, self.dist = cfg, task, dist
         # Listen for preemption from the start: a notice that arrives while the model, data or
         # checkpoint are loading is honoured at the first step boundary.
@@ -182,7 +201,12 @@ class Trainer:
 
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         seed_everything(cfg.seed)  # identical initial weights and queues on every rank
-        self.model = task.build_model(cfg).to(self.device)
+        self.model = task.build_model(cfg)
+        resume_path = resolve_resume(resume, cfg.output_dir) if resume else None
+        init_from = init_from or cfg.model.init_checkpoint
+        if resume_path is None and init_from:  # a resumable checkpoint of this run takes precedence
+            init_weights(task, self.model, init_from, cfg)
+        self.model.to(self.device)
         self.sharded = cfg.train.strategy == "fsdp" and dist.world_size > 1  # one rank: nothing to shard
         if self.sharded:
             shard_model(self.model, self.device, self.amp_dtype)
@@ -194,7 +218,7 @@ class Trainer:
         self.skips = SkipCounter()  # this rank's bad samples (rank 0 also holds those resumed)
         self.consecutive_nonfinite = 0
 
-        checkpoint = self._load(resume)
+        checkpoint = self._load(resume_path)
         self.ddp_model = self.model
         if dist.world_size > 1 and not self.sharded:
             self.ddp_model = DistributedDataParallel(
@@ -210,8 +234,7 @@ class Trainer:
             seed_everything(cfg.seed + dist.rank + self.state.step)
         self.logger = MetricLogger(self.output_dir, enabled=self.is_main, log_every=cfg.train.log_every)
 
-    def _load(self, resume: str | None) -> dict[str, Any] | None:
-        path = resolve_resume(resume, self.cfg.output_dir) if resume else None
+    def _load(self, path: Path | None) -> dict[str, Any] | None:
         if path is None:
             return None
         if is_dcp_checkpoint(path):  # any strategy and world size: DCP reshards
@@ -262,6 +285,8 @@ class Trainer:
                     if end_of_epoch:
                         self.state.epoch, self.state.consumed = epoch + 1, 0
                     finished = cfg.max_steps is not None and self.state.step >= cfg.max_steps
+                    if (end_of_epoch or finished) and not preempted:
+                        self.evaluate_and_keep_best(epoch)  # before the checkpoint, which records it
                     if preempted or finished or end_of_epoch or self.state.step % cfg.ckpt_every == 0:
                         self.save()
                     if end_of_epoch:
@@ -270,8 +295,11 @@ class Trainer:
                         self.logger.event(self.state.step, "preempted", exit_code=PREEMPTED_EXIT_CODE)
                         return PREEMPTED_EXIT_CODE
                     if finished:
-                        return 0
+                        break
                 del batches
+                if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
+                    break
+            self.test_best()
             return 0
         finally:
             self.preemption.restore()
@@ -284,7 +312,8 @@ class Trainer:
         lr = lr_at(self.state.step, epoch, cfg.optim, cfg.train.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        alpha = alpha_at(epoch, step_in_epoch, steps_per_epoch, cfg.loss.alpha, cfg.loss.alpha_warmup)
+        alpha = alpha_at(epoch, step_in_epoch, steps_per_epoch, cfg.loss.alpha, cfg.loss.alpha_warmup) \
+            if cfg.model.distill else 0.0
 
         outputs, images, data_wait = [], 0, 0.0
         for i in range(accum):
@@ -405,6 +434,44 @@ class Trainer:
             self.logger.event(self.state.step, "bad_samples", epoch=epoch, report=skips.report())
         skips.check(self.cfg.data.max_bad_fraction)
 
+    # ------------------------------------------------------------------------- evaluation
+
+    @property
+    def best_path(self) -> Path:
+        return self.output_dir / "best.pt"
+
+    def evaluate_and_keep_best(self, epoch: int) -> dict[str, float] | None:
+        """Evaluate on val (every rank takes part); rank 0 logs the metrics and, when the task's
+        best_metric improved, writes best.pt (weights + config) atomically. Recorded in the
+        train state, so a resumed run neither repeats it nor forgets the best value."""
+        if not has_evaluation(self.task, self.cfg, "val") or self.state.evaluated_step == self.state.step:
+            return None
+        result = run_evaluation(self.task, self.model, self.cfg, self.dist, "val")
+        self.state.evaluated_step = self.state.step
+        key = getattr(self.task, "best_metric", None)
+        value = result.get(key) if key else None
+        improved = value is not None and (self.state.best_metric is None or value > self.state.best_metric)
+        if improved:
+            self.state.best_metric, self.state.best_epoch = float(value), epoch
+            if self.is_main:
+                save_pretrained(self.model, self.best_path, self.cfg.to_dict())
+        if self.is_main:
+            self.logger.results(self.state.step, "val", {**result, "epoch": epoch})
+            if improved:
+                print(f"new best {key} {value:.4f} (epoch {epoch}): wrote {self.best_path}", flush=True)
+        return result
+
+    def test_best(self) -> dict[str, float] | None:
+        """At the end of training: evaluate best.pt (or the final weights) on test."""
+        if not has_evaluation(self.task, self.cfg, "test"):
+            return None
+        if self.best_path.is_file():
+            load_pretrained(self.model, self.best_path)
+        result = run_evaluation(self.task, self.model, self.cfg, self.dist, "test")
+        if self.is_main:
+            self.logger.results(self.state.step, "test", result)
+        return result
+
     def save(self) -> Path | None:
         """Checkpoint written by rank 0 (FSDP: a .dcp directory written by every rank); every
         rank contributes its RNG state and waits for it."""
@@ -429,6 +496,72 @@ class Trainer:
         return path
 
 
-def train(cfg: Config, task: Task, dist: DistInfo, resume: str | None = None) -> int:
+def train(cfg: Config, task: Task, dist: DistInfo, resume: str | None = None, init_from: str | None = None) -> int:
     """Build a Trainer and run it; returns the process exit code (0 or PREEMPTED_EXIT_CODE)."""
-    return Trainer(cfg, task, dist, resume).fit()
+    return Trainer(cfg, task, dist, resume, init_from).fit()
+
+
+# ----------------------------------------------------------------------------- fine-tuning hooks
+
+
+QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+
+
+def init_weights(task: Task, model: nn.Module, path: str | Path, cfg: Config) -> LoadReport:
+    """`--init-from`: read any accepted weight file, let the task map it onto its model (or load
+    it as it is), print the report. `model.init_queues: fresh` leaves the feature queues at
+    their initial state instead of taking the checkpoint's."""
+    state = read_model_state(path)
+    if cfg.model.init_queues == "fresh":
+        state = {k: v for k, v in state.items() if k not in QUEUE_KEYS}
+    queues = [k for k in QUEUE_KEYS if k in model.state_dict() and k not in state]
+    custom = getattr(task, "init_weights", None)
+    if custom is not None:
+        report = custom(model, state, str(path))
+    else:
+        report = load_weights(model, state, str(path), new=queues)
+    report.print()
+    return report
+
+
+def has_evaluation(task: Task, cfg: Config, split: str | None = None) -> bool:
+    """Whether the task evaluates and the config names files for `split` (any split: None)."""
+    if getattr(task, "evaluate", None) is None:
+        return False
+    files = {"val": cfg.eval.val_files, "test": cfg.eval.test_files}
+    return bool(files[split]) if split else any(files.values())
+
+
+def run_evaluation(task: Task, model: nn.Module, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
+    """`task.evaluate` on `split` in eval mode (training mode restored), printed on rank 0 and
+    written to OUTPUT_DIR/results/{split}_step{N}.json by the caller's logger."""
+    was_training = model.training
+    model.eval()
+    try:
+        result = task.evaluate(model, cfg, dist, split)
+    finally:
+        model.train(was_training)
+    if dist.rank == 0:
+        fmt = getattr(task, "format_result", None)
+        print(f"{split}:\n{fmt(result) if fmt else json.dumps(result, indent=1)}", flush=True)
+    return result
+
+
+def evaluate_only(cfg: Config, task: Task, dist: DistInfo, weights: str | Path | None) -> dict[str, dict[str, float]]:
+    """`--evaluate`: the task's model from `weights` (mapped as `--init-from` does), evaluated on
+    val and test (those with files); results written to OUTPUT_DIR/results/ and returned."""
+    seed_everything(cfg.seed)
+    model = task.build_model(cfg)
+    if weights is not None:
+        init_weights(task, model, weights, cfg)
+    model.to(dist.device)
+    logger = MetricLogger(Path(cfg.output_dir), enabled=dist.rank == 0, log_every=1)
+    results = {}
+    try:
+        for split in ("val", "test"):
+            if has_evaluation(task, cfg, split):
+                results[split] = run_evaluation(task, model, cfg, dist, split)
+                logger.results(0, split, results[split])
+    finally:
+        logger.close()
+    return results

@@ -32,6 +32,7 @@ def build_model(cfg: Any) -> ALBEF:
         config_overrides=tcfg.config_overrides,
         load_weights=tcfg.pretrained,
         attention=tcfg.attention,
+        mlm_head=cfg.loss.weights.mlm > 0,  # fine-tuning models (MLM weight 0) have no MLM head
     )
     vocab_size = text_encoder.config.vocab_size
     if len(tokenizer) != vocab_size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from transformers import BertConfig
 from transformers.activations import ACT2FN
 from transformers.utils import cached_file
 
-from albef.checkpoint import load_checkpoint_file
+from albef.checkpoint import LoadReport, load_checkpoint_file, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -250,15 +251,19 @@ class BertOnlyMLMHead(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """ALBEF's BertForMaskedLM: `bert` encoder + `cls` MLM head (decoder tied to word embeddings)."""
+    """ALBEF's BertForMaskedLM: `bert` encoder + `cls` MLM head (decoder tied to word embeddings).
 
-    def __init__(self, config: BertConfig, attention: str = "sdpa"):
+    `mlm_head=False` builds the encoder alone (`cls` is None), as ALBEF's fine-tuning models do.
+    """
+
+    def __init__(self, config: BertConfig, attention: str = "sdpa", mlm_head: bool = True):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, attention)
-        self.cls = BertOnlyMLMHead(config)
+        self.cls = BertOnlyMLMHead(config) if mlm_head else None
         self.apply(self._init_weights)
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        if self.cls is not None:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -292,37 +297,34 @@ class TextEncoder(nn.Module):
         config_overrides: dict[str, Any] | None = None,
         load_weights: bool = True,
         attention: str = "sdpa",
+        mlm_head: bool = True,
     ) -> TextEncoder:
         """Build from a HF BERT config (hub id or local dir), loading its weights when asked."""
         config = bert_config(name_or_dir, fusion_layer, encoder_width, config_overrides)
-        model = cls(config, attention)
+        model = cls(config, attention, mlm_head)
         if load_weights:
-            result = model.load_bert_state_dict(read_bert_weights(name_or_dir))
-            logger.info("loaded BERT weights from %s", name_or_dir)
-            if result.missing_keys:
-                logger.info("BERT weights from %s: new (initialised) keys %s", name_or_dir, result.missing_keys)
-            if result.unexpected_keys:
-                logger.info("BERT weights from %s: unused keys %s", name_or_dir, result.unexpected_keys)
+            model.load_bert_state_dict(read_bert_weights(name_or_dir), source=str(name_or_dir)).print()
         return model
 
-    def load_bert_state_dict(self, state_dict: dict[str, Tensor]) -> Any:
-        """Load HF BertModel / BertForMaskedLM weights by key (keys with or without `bert.`).
+    def load_bert_state_dict(self, state_dict: dict[str, Tensor], source: str = "BERT weights") -> LoadReport:
+        """Load HF BertModel / BertForMaskedLM weights completely, or raise CheckpointError.
 
-        Returns missing (newly initialised, e.g. cross-attention) and unexpected (e.g. pooler) keys;
-        a key missing from the file but tied to a loaded one (decoder weight/bias) is not missing.
+        Keys may carry the `bert.` prefix or not and use the legacy LayerNorm names `gamma` /
+        `beta`. The only model keys allowed to be absent are the cross-attention layers that
+        ALBEF adds from `fusion_layer` on; the only file keys left unused are the pooler, the
+        next-sentence head and (for an encoder built without MLM head) the MLM head.
         """
-        state_dict = {k if k.startswith(("bert.", "cls.")) else f"bert.{k}": v for k, v in state_dict.items()}
-        own = self.state_dict(keep_vars=True)
+        renamed = {}
         for key, value in state_dict.items():
-            if key in own and own[key].shape != value.shape:
-                raise ValueError(
-                    f"BERT weight {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}; "
-                    "the weights do not match the BERT config"
-                )
-        result = self.load_state_dict(state_dict, strict=False)
-        loaded = {id(own[k]) for k in state_dict if k in own}
-        result.missing_keys[:] = [k for k in result.missing_keys if id(own[k]) not in loaded]
-        return result
+            key = _LEGACY_LAYERNORM.sub(lambda m: f"LayerNorm.{'weight' if m[1] == 'gamma' else 'bias'}", key)
+            renamed[key if key.startswith(("bert.", "cls.")) else f"bert.{key}"] = value
+        fusion = self.config.fusion_layer
+        new = [f"bert.encoder.layer.{i}.crossattention" for i in range(fusion, self.config.num_hidden_layers)]
+        unused = ["bert.pooler", "cls.seq_relationship"] + ([] if self.cls is not None else ["cls"])
+        return load_weights(self, renamed, source, unused=unused, new=new)
+
+
+_LEGACY_LAYERNORM = re.compile(r"LayerNorm\.(gamma|beta)$")
 
 
 def bert_config(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +9,9 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from albef.checkpoint import load_checkpoint_file, resample_pos_embed
-
-logger = logging.getLogger(__name__)
+from albef.checkpoint import CheckpointError, LoadReport, unwrap_model_state, load_checkpoint_file, load_weights
 
 _ARCH_OVERRIDES = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
-_HEAD_PREFIXES = ("head.", "head_dist.")
 
 
 def build_vision_encoder(vcfg: Any) -> VisionTransformer:
@@ -25,15 +21,25 @@ def build_vision_encoder(vcfg: Any) -> VisionTransformer:
     embed_dim/depth/num_heads/patch_size/mlp_ratio overrides, drop_path_rate, grad_checkpointing).
     """
     overrides = {k: getattr(vcfg, k) for k in _ARCH_OVERRIDES if getattr(vcfg, k) is not None}
-    model = timm.create_model(
-        vcfg.arch,
-        pretrained=vcfg.pretrained,
-        img_size=vcfg.image_size,
-        num_classes=0,
-        global_pool="",
-        drop_path_rate=vcfg.drop_path_rate,
-        **overrides,
-    )
+    pretrained = vcfg.pretrained and not vcfg.checkpoint  # a local file replaces the hub weights
+    try:
+        model = timm.create_model(
+            vcfg.arch,
+            pretrained=pretrained,
+            img_size=vcfg.image_size,
+            num_classes=0,
+            global_pool="",
+            drop_path_rate=vcfg.drop_path_rate,
+            **overrides,
+        )
+    except (OSError, RuntimeError) as err:  # no network / no cached weights / incompatible weights
+        if not pretrained:
+            raise
+        raise CheckpointError(
+            f"model.vision.pretrained: cannot get timm's pretrained weights for {vcfg.arch!r} "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'no details'}); "
+            "set model.vision.checkpoint to a local file (e.g. ALBEF's deit_base_patch16_224-b5f2ef4d.pth)"
+        ) from err
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model.vision.arch={vcfg.arch!r} is not a timm VisionTransformer; use a vit_/deit_ model")
     if vcfg.checkpoint:
@@ -43,38 +49,35 @@ def build_vision_encoder(vcfg: Any) -> VisionTransformer:
     return model
 
 
-def _unwrap_state_dict(obj: Any, path: str | Path) -> dict[str, Tensor]:
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and key in obj:
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (or {{'model': ...}}), got {type(obj).__name__}")
-    prefix = "visual_encoder."
-    if any(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
-    return {k: v for k, v in obj.items() if not k.startswith(_HEAD_PREFIXES)}
+_WRAPPER_PREFIXES = ("module.", "model.")  # DDP / EMA / trainer wrappers around a plain ViT state dict
+_ALBEF_PREFIX = "visual_encoder."  # the online ViT inside an ALBEF checkpoint
+_UNUSED = ("head", "head_dist", "fc_norm", "pre_logits")  # classifier parts a token encoder has no use for
 
 
-def load_vision_checkpoint(model: VisionTransformer, path: str | Path) -> None:
-    """Initialise `model` from a local DeiT / timm / ALBEF file, resampling pos_embed if needed."""
+def vision_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The ViT's keys of a DeiT / timm / ALBEF state dict, wrapper prefixes removed.
+
+    Returns (state, other file keys that are not the ViT's: the rest of an ALBEF checkpoint)."""
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    if any(k.startswith(_ALBEF_PREFIX) for k in state):
+        others = [k for k in state if not k.startswith(_ALBEF_PREFIX)]
+        state = {k[len(_ALBEF_PREFIX):]: v for k, v in state.items() if k.startswith(_ALBEF_PREFIX)}
+        return state, others
+    return state, []
+
+
+def load_vision_checkpoint(model: VisionTransformer, path: str | Path) -> LoadReport:
+    """Initialise `model` from a local DeiT / timm / ALBEF file completely, or raise
+    CheckpointError naming the keys; `pos_embed` is resampled to the model's patch grid."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.vision.checkpoint={str(path)!r} does not exist; fix the path or set it to null")
-    state_dict = _unwrap_state_dict(load_checkpoint_file(path), path)
-    if "pos_embed" in state_dict:
-        grid = tuple(model.patch_embed.grid_size)
-        state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], grid, model.num_prefix_tokens)
-    own = model.state_dict()
-    for key, value in state_dict.items():
-        if key in own and own[key].shape != value.shape:
-            raise ValueError(
-                f"{path}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}; "
-                "check model.vision.arch and its overrides"
-            )
-    result = model.load_state_dict(state_dict, strict=False)
-    logger.info("loaded vision encoder from %s", path)
-    if result.missing_keys:
-        logger.warning("vision checkpoint %s: missing keys %s", path, result.missing_keys)
-    if result.unexpected_keys:
-        logger.warning("vision checkpoint %s: unexpected keys %s", path, result.unexpected_keys)
+        raise CheckpointError(f"model.vision.checkpoint: {str(path)!r} does not exist; fix the path or set it to null")
+    state, others = vision_state_dict(unwrap_model_state(load_checkpoint_file(path), path))
+    report = load_weights(model, state, str(path), unused=_UNUSED)
+    if others:
+        report.notes.append(f"took the {len(state)} visual_encoder.* tensors of an ALBEF checkpoint; "
+                            f"{len(others)} other tensors ignored")
+    report.print()
+    return report

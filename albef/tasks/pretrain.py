@@ -25,10 +25,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 class PretrainTask:
     """Supplies the engine with the ALBEF model, the caption data and the pretraining step."""
 
+    best_metric: str | None = None  # pretraining keeps no best.pt; val retrieval is logged
+
     def __init__(self) -> None:
         self.loader: DataLoader | None = None  # built once: its workers persist across epochs
+        self.same_id_positives = False
 
     def build_model(self, cfg: Config) -> nn.Module:
+        self.same_id_positives = cfg.loss.same_id_positives
         return build_model(cfg)
 
     def build_train_loader(
@@ -64,7 +68,8 @@ class PretrainTask:
         return len(self.loader.dataset) // dist.world_size // batch_size
 
     def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
-        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, ids=batch["ids"])
+        ids = batch["ids"] if self.same_id_positives else None
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, ids=ids)
         out["temp"] = unwrap(model).temp.detach()
         return out
 
@@ -75,6 +80,17 @@ class PretrainTask:
         updates = [out["queue_update"] for out in outputs if "queue_update" in out]
         if updates:
             model.enqueue(*(torch.cat(parts) for parts in zip(*updates)))
+
+    def evaluate(self, model: nn.Module, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
+        """Zero-shot retrieval (ITC ranking, ITM re-ranking) on eval.val_files / eval.test_files."""
+        from albef.tasks.retrieval import evaluate_retrieval
+
+        return evaluate_retrieval(unwrap(model), cfg, dist.device, split)
+
+    def format_result(self, result: dict[str, float]) -> str:
+        from albef.tasks.retrieval import format_table
+
+        return format_table(result)
 
     def find_unused_parameters(self, cfg: Config) -> bool:
         """A disabled loss term leaves its head (ITM head, MLM head) without gradients."""

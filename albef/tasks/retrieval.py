@@ -1,12 +1,17 @@
-"""Image-text retrieval evaluation: ITC ranking, ITM re-ranking of the top-k, R@1/5/10.
+"""Image-text retrieval: fine-tuning (COCO, Flickr30K) and evaluation, as ALBEF's `Retrieval.py`.
 
-Follows ALBEF's `Retrieval.py`: every image and caption is encoded once, the ITC similarity
-picks the `k_test` best candidates of each query, and the fusion encoder's ITM logit
-(positive class) replaces their score; everything outside the top-k scores -100.
+    albef-retrieval --config configs/retrieval_coco.yaml --init-from ALBEF_4M.pth --output-dir DIR
+    albef-retrieval --config configs/retrieval_coco.yaml --init-from DIR/best.pt --evaluate
+
+Training runs on the engine as pretraining does, with the retrieval model: no MLM head, ITC whose
+positives are every caption of the same image (in the batch and in the queue), ITM with hard
+negatives that never share the image. Evaluation: every image and caption is encoded once, the
+ITC similarity picks the `k_test` best candidates of each query, and the fusion encoder's ITM
+logit (positive class) replaces their score (ALBEF; `itm_itc_` results add the ITC similarity as
+BLIP and LAVIS report); everything outside the top-k scores -100.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -15,20 +20,55 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from albef.checkpoint import CheckpointError, checkpoint_dir, find_latest, load_pretrained
-from albef.config import ConfigError, load_config
+from albef.checkpoint import LoadReport, load_weights
+from albef.cli import run_task
+from albef.config import Config, ConfigError
 from albef.data.captions import pre_caption
-from albef.data.datasets import AnnotationError, SampleError, load_annotations, read_image
+from albef.data.datasets import SampleError, load_annotations, read_image
 from albef.data.transforms import eval_transform
-from albef.dist import destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed
+from albef.dist import DistInfo, get_rank, get_world_size, is_distributed
+from albef.engine.trainer import QUEUE_KEYS
 from albef.models import build_model, build_tokenizer
+from albef.tasks.pretrain import PretrainTask, unwrap
 
 RECALL_AT = (1, 5, 10)
-# Weights retrieval evaluation never uses: the MLM heads (released ALBEF retrieval checkpoints
-# have none). Everything else in a checkpoint must match the model.
+# Weights of a pretraining checkpoint the retrieval model has no use for: the MLM heads.
 UNUSED_FOR_RETRIEVAL = ("text_encoder.cls", "text_encoder_m.cls")
+
+
+class RetrievalTask(PretrainTask):
+    """ALBEF's retrieval model on the engine: the pretraining step without MLM, image ids as
+    positives; evaluation on eval.val_files / eval.test_files; best.pt by mean recall."""
+
+    best_metric = "r_mean"
+
+    def check(self, cfg: Config, training: bool = True) -> None:
+        """Before anything is built: the config suits the retrieval model and every annotation
+        file it will read is well-formed."""
+        if cfg.loss.weights.mlm:
+            raise ConfigError("loss.weights.mlm: retrieval fine-tuning has no MLM term (ALBEF's retrieval model); "
+                              "set loss.weights.mlm=0")
+        for files in (cfg.data.train_files if training else [], cfg.eval.val_files, cfg.eval.test_files):
+            if files:
+                load_annotations(files)  # a malformed file is one line now, not after the model is built
+
+    def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+        """ALBEF's rule (Retrieval.py): every key of a pretraining or retrieval checkpoint, the
+        position embeddings of both ViTs resampled, the MLM heads dropped. The feature queues
+        are taken as they are; the image ids of a pretraining queue belong to another data set,
+        so they are dropped and the queue's ids start unknown (never positives)."""
+        pretraining = any(k.startswith(UNUSED_FOR_RETRIEVAL) for k in state)
+        unused = list(UNUSED_FOR_RETRIEVAL) + (["idx_queue"] if pretraining else [])
+        return load_weights(model, state, source, unused=unused, new=QUEUE_KEYS)
+
+    def evaluate(self, model: nn.Module, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
+        return evaluate_retrieval(unwrap(model), cfg, dist.device, split)
+
+    def find_unused_parameters(self, cfg: Config) -> bool:
+        return min(cfg.loss.weights.itc, cfg.loss.weights.itm) == 0
 
 
 class RetrievalDataError(RuntimeError):
@@ -64,7 +104,7 @@ class RetrievalDataset(Dataset):
         try:
             image = read_image(os.path.join(self.image_root, self.images[index]))
         except SampleError as e:
-            raise RetrievalDataError(f"eval image {e.detail} ({e.reason}); check eval.image_root / eval.files") from e
+            raise RetrievalDataError(f"eval image {e.detail} ({e.reason}); check eval.image_root / eval.*_files") from e
         return self.transform(image)
 
 
@@ -170,37 +210,50 @@ def _rank_slice(num_rows: int) -> slice:
 
 
 @torch.no_grad()
-def rerank(sims: torch.Tensor, k: int, pair_scores, batch_size: int) -> torch.Tensor:
-    """Score matrix with each row's top-k candidates (by `sims`) scored by `pair_scores`.
+def rerank(sims: torch.Tensor, k: int, pair_scores, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM re-ranking of each row's top-k candidates (by `sims`).
 
-    `pair_scores(rows, cols)` returns ITM scores of the (row, col) pairs. Other entries are
-    -100. Rows are split across ranks when a process group exists and summed back.
+    `pair_scores(rows, cols)` returns ITM scores of the (row, col) pairs. Returns two score
+    matrices, -100 outside each row's top-k: the ITM score alone (ALBEF) and the ITM score plus
+    the ITC similarity (BLIP / LAVIS). Rows are split across ranks when a process group exists
+    and summed back.
     """
     k = min(k, sims.size(1))
     rows = _rank_slice(sims.size(0))
-    scores = torch.zeros_like(sims)
-    scores[rows] = -100.0
+    itm = torch.zeros_like(sims)
+    itm_itc = torch.zeros_like(sims)
+    itm[rows] = -100.0
+    itm_itc[rows] = -100.0
     topk = sims[rows].topk(k, dim=1).indices
     row_idx = torch.arange(rows.start, rows.stop, device=sims.device).repeat_interleave(k)
     col_idx = topk.flatten()
     for start in range(0, row_idx.numel(), batch_size):
         r, c = row_idx[start : start + batch_size], col_idx[start : start + batch_size]
-        scores[r, c] = pair_scores(r, c).float()
+        score = pair_scores(r, c).float()
+        itm[r, c] = score
+        itm_itc[r, c] = score + sims[r, c]
     if is_distributed():
-        dist.all_reduce(scores)
-    return scores
+        dist.all_reduce(itm)
+        dist.all_reduce(itm_itc)
+    return itm, itm_itc
+
+
+def eval_files(cfg, split: str) -> list[str]:
+    """The annotation files of `split` ("val" or "test")."""
+    return {"val": cfg.eval.val_files, "test": cfg.eval.test_files}[split]
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, cfg, device: torch.device | str) -> dict[str, float]:
-    """ALBEF retrieval evaluation of `model` on `cfg.eval.files`.
+def evaluate_retrieval(model, cfg, device: torch.device | str, split: str = "test") -> dict[str, float]:
+    """ALBEF retrieval evaluation of `model` on the `split` files of `cfg.eval`.
 
-    Returns the re-ranked recalls (`txt_r1`, ..., `r_mean`), the ITC-only recalls before
-    re-ranking (`itc_` prefix), the chance levels (`chance_` prefix), `num_images`, `num_texts`.
+    Returns the ITM re-ranked recalls (`txt_r1`, ..., `r_mean`, ALBEF's score), the same with
+    ITM + ITC scores (`itm_itc_` prefix), the ITC-only recalls before re-ranking (`itc_`), the
+    chance levels (`chance_`), `num_images`, `num_texts`.
     """
     device = torch.device(device)
     dataset = RetrievalDataset(
-        cfg.eval.files,
+        eval_files(cfg, split),
         cfg.eval.image_root,
         eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std),
         cfg.data.max_words,
@@ -216,7 +269,7 @@ def evaluate_retrieval(model, cfg, device: torch.device | str) -> dict[str, floa
     model.eval()
     with _autocast(device, cfg.train.precision):
         text_embeds, text_feats, text_masks = encode_texts(
-            model, tokenizer, dataset.texts, cfg.eval.batch_size, cfg.data.max_tokens, device
+            model, tokenizer, dataset.texts, cfg.eval.batch_size, cfg.eval.max_tokens, device
         )
         image_embeds, image_feats = encode_images(model, loader, device)
         sims = image_feats @ text_feats.t()
@@ -225,13 +278,14 @@ def evaluate_retrieval(model, cfg, device: torch.device | str) -> dict[str, floa
             return model.itm_logits(image_embeds[img_idx], text_embeds[txt_idx], text_masks[txt_idx])[:, 1]
 
         k, bs = cfg.eval.k_test, cfg.eval.batch_size
-        scores_i2t = rerank(sims, k, itm, bs)
-        scores_t2i = rerank(sims.t(), k, lambda t, i: itm(i, t), bs)
+        i2t, i2t_plus = rerank(sims, k, itm, bs)
+        t2i, t2i_plus = rerank(sims.t(), k, lambda t, i: itm(i, t), bs)
     model.train(was_training)
 
-    result = itm_eval(scores_i2t.cpu(), scores_t2i.cpu(), dataset.txt2img, dataset.img2txt)
-    itc = itm_eval(sims.cpu(), sims.t().cpu(), dataset.txt2img, dataset.img2txt)
-    result.update({f"itc_{key}": value for key, value in itc.items()})
+    result = itm_eval(i2t.cpu(), t2i.cpu(), dataset.txt2img, dataset.img2txt)
+    for prefix, (a, b) in (("itm_itc_", (i2t_plus, t2i_plus)), ("itc_", (sims, sims.t()))):
+        extra = itm_eval(a.cpu(), b.cpu(), dataset.txt2img, dataset.img2txt)
+        result.update({f"{prefix}{key}": value for key, value in extra.items()})
     chance = chance_recall(dataset.img2txt, len(dataset.texts))
     result.update({f"chance_{key}": value for key, value in chance.items()})
     result.update(num_images=len(dataset.images), num_texts=len(dataset.texts))
@@ -243,54 +297,17 @@ def format_table(result: Mapping[str, float]) -> str:
     header = f"{'':15s}{'':15s}" + "".join(f"{f'R@{k}':>8s}" for k in RECALL_AT)
     lines = [header]
     for direction, key in (("text -> image", "img"), ("image -> text", "txt")):
-        for label, prefix in (("ITM re-ranked", ""), ("ITC only", "itc_"), ("chance", "chance_")):
+        for label, prefix in (("ITM re-ranked", ""), ("ITM + ITC", "itm_itc_"), ("ITC only", "itc_"),
+                              ("chance", "chance_")):
             row = "".join(f"{result[f'{prefix}{key}_r{k}']:8.2f}" for k in RECALL_AT)
             lines.append(f"{direction if not prefix else '':15s}{label:15s}{row}")
     lines.append(f"{result['num_images']} images, {result['num_texts']} captions, r_mean {result['r_mean']:.2f}")
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="albef-retrieval", description="ALBEF image-text retrieval evaluation")
-    parser.add_argument("--config", required=True, help="YAML config; eval.* selects the data")
-    parser.add_argument("--checkpoint", help="our checkpoint or a released ALBEF .pth (default: newest in the run)")
-    parser.add_argument("--output-dir", help="run whose newest checkpoint is evaluated (default: output_dir)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """`albef-retrieval --config CFG [--checkpoint PATH | --output-dir RUN] [key.sub=value ...]`.
-
-    Exit codes: 0 done, 2 bad config, arguments or checkpoint.
-    """
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if not cfg.eval.files:
-            raise ConfigError(f"{args.config}: eval.files is empty; list the retrieval annotation files")
-        run_ckpts = checkpoint_dir(args.output_dir or cfg.output_dir)
-        checkpoint = args.checkpoint or find_latest(run_ckpts)
-        if checkpoint is None:
-            raise CheckpointError(f"no checkpoint in {run_ckpts}; pass --checkpoint PATH or the --output-dir of a run")
-        model = build_model(cfg)
-        report = load_pretrained(model, checkpoint, skip=UNUSED_FOR_RETRIEVAL)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    info = init_distributed()
-    try:
-        result = evaluate_retrieval(model.to(info.device), cfg, info.device)
-    except (AnnotationError, RetrievalDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    if info.rank == 0:
-        print(report)
-        print(format_table(result))
-    return 0
+    """`albef-retrieval --config CFG [--init-from PATH] [--evaluate] [...]`; see albef/cli.py."""
+    return run_task(RetrievalTask, argv, "albef-retrieval", "ALBEF image-text retrieval: fine-tuning and evaluation")
 
 
 if __name__ == "__main__":

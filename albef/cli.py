@@ -1,0 +1,112 @@
+"""The command line shared by every task: `albef-pretrain`, `albef-retrieval`, `albef-ve`, ...
+
+    albef-<task> --config CFG [--output-dir DIR] [--resume auto|PATH] [--init-from PATH]
+                 [--evaluate] [key.sub=value ...]
+
+Overrides may stand anywhere on the line. `--init-from` starts training from weights (ours,
+`.pt` or `.dcp`, or a released ALBEF file), mapped onto the task's model by the task's rule;
+`--resume` continues this run's own checkpoint and takes precedence when one exists.
+`--evaluate` only evaluates (val and test): the weights of `--init-from`, else the run's
+best.pt, else its newest checkpoint.
+
+Exit codes: 0 done; 1 training stopped (non-finite losses, too much bad data, a checkpoint that
+cannot be written); 2 a user mistake (config, arguments, data files, a weight file that does not
+fit), reported in one line before anything trains; 75 preempted after saving a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from albef.checkpoint import CheckpointError, checkpoint_dir, find_latest, resolve_resume
+from albef.config import Config, ConfigError, check_paths, load_config
+from albef.data.datasets import AnnotationError, BadDataError
+from albef.dist import destroy_distributed, init_distributed
+from albef.engine.trainer import Trainer, TrainingError, evaluate_only
+
+USER_ERRORS = (ConfigError, CheckpointError, AnnotationError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports usage errors as a ConfigError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--output-dir", help="overrides output_dir")
+    parser.add_argument("--resume", help="'auto' (newest checkpoint in output_dir, if any) or a checkpoint path")
+    parser.add_argument("--init-from", help="start from these weights (sets model.init_checkpoint): our .pt/.dcp "
+                        "checkpoint or run directory, or a released ALBEF .pth")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate on val/test only, no training")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser
+
+
+def parse(argv: Sequence[str] | None, prog: str, description: str) -> tuple[argparse.Namespace, Config]:
+    """Arguments and the validated config (paths checked); raises ConfigError."""
+    args = build_parser(prog, description).parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.init_from:
+        cfg.model.init_checkpoint = args.init_from
+    check_paths(cfg, training=not args.evaluate)
+    return args, cfg
+
+
+def evaluation_weights(cfg: Config) -> str | None:
+    """What `--evaluate` evaluates: model.init_checkpoint, else OUTPUT_DIR/best.pt, else the
+    run's newest checkpoint, else nothing (the freshly built model, e.g. zero-shot from init)."""
+    if cfg.model.init_checkpoint:
+        return cfg.model.init_checkpoint
+    best = Path(cfg.output_dir) / "best.pt"
+    if best.is_file():
+        return str(best)
+    latest = find_latest(checkpoint_dir(cfg.output_dir))
+    return str(latest) if latest else None
+
+
+def _fail(err: BaseException, code: int) -> int:
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_task(make_task: Callable[[], Any], argv: Sequence[str] | None, prog: str, description: str) -> int:
+    """Parse, validate, build and run one task: train (or `--evaluate`); returns the exit code."""
+    try:
+        args, cfg = parse(argv, prog, description)
+        task = make_task()
+        check = getattr(task, "check", None)
+        if check is not None:
+            check(cfg, training=not args.evaluate)  # the task's own preflight (its annotation files, ...)
+        resume = resolve_resume(args.resume, cfg.output_dir) if args.resume and not args.evaluate else None
+    except USER_ERRORS as err:
+        return _fail(err, 2)
+
+    dist_info = init_distributed()
+    try:
+        if args.evaluate:
+            try:
+                evaluate_only(cfg, task, dist_info, evaluation_weights(cfg))
+            except USER_ERRORS as err:
+                return _fail(err, 2)
+            return 0
+        try:
+            trainer = Trainer(cfg, task, dist_info, resume=str(resume) if resume else None)
+        except USER_ERRORS as err:  # e.g. an --init-from file that does not fit the model
+            return _fail(err, 2)
+        try:
+            return trainer.fit()
+        except ConfigError as err:  # found late, e.g. by the data pipeline
+            return _fail(err, 2)
+        except (TrainingError, BadDataError, CheckpointError, AnnotationError) as err:
+            return _fail(err, 1)
+    finally:
+        destroy_distributed()
+
