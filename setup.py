@@ -14,6 +14,7 @@ setup(
         "safetensors",
         "webdataset",
         "tensorboard",
+        "matplotlib",
         "pillow",
         "PyYAML",
         "numpy",
@@ -23,6 +24,7 @@ setup(
             "albef-pretrain=albef.pretrain:main",
             "albef-demo=albef.demo:main",
             "albef-retrieval=albef.tasks.retrieval:main",
+            "albef-grounding=albef.tasks.grounding:main",
         ]
     },
 )

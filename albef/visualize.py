@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
-from scipy.ndimage import gaussian_filter
+from torchvision.transforms.v2.functional import gaussian_blur
 
 PANEL_INCHES = 3.0  # each panel is PANEL_INCHES square; the title adds TITLE_INCHES
 TITLE_INCHES = 0.5
@@ -34,13 +34,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def heatmap_overlay(image: np.ndarray, cam, blur: bool = True) -> np.ndarray:
     """`image` float [H, W, 3] in [0, 1] with the map `cam` [h, w] blended over it -> [H, W, 3]."""
     height, width = image.shape[:2]
-    cam = torch.as_tensor(np.asarray(cam, dtype=np.float64))
-    att = _normalise(cam.numpy())
+    att = _normalise(np.asarray(cam, dtype=np.float64))
     att = F.interpolate(torch.from_numpy(att)[None, None], size=(height, width), mode="bicubic", align_corners=False)
-    att = att[0, 0].numpy()
-    if blur:
-        att = gaussian_filter(att, 0.02 * max(height, width))
-    att = np.clip(_normalise(att), 0.0, 1.0)
+    if blur:  # scipy.ndimage.gaussian_filter's kernel: radius 4 sigma, reflected borders
+        sigma = 0.02 * max(height, width)
+        radius = min(int(4.0 * sigma + 0.5), min(height, width) - 1)
+        att = gaussian_blur(att, [2 * radius + 1] * 2, [sigma, sigma])
+    att = np.clip(_normalise(att[0, 0].numpy()), 0.0, 1.0)
     colour = matplotlib.colormaps["jet"](att)[..., :3]
     weight = (att ** 0.7)[..., None]
     return (1.0 - weight) * image + weight * colour

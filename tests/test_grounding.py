@@ -205,3 +205,138 @@ def test_shape_box_is_tight():
 
     x, y, w, h = shape_box(Shape("square", "red", "large", (0.5, 0.5)), 100)
     assert abs(w - 32) <= 2 and abs(h - 32) <= 2 and abs(x + w / 2 - 50) <= 1.5
+
+
+# ----------------------------------------------------------------------------- the task on the engine
+
+from pathlib import Path  # noqa: E402
+
+from conftest import DOWNSTREAM, needs_original, write_original_bert  # noqa: E402
+
+from albef.checkpoint import load_checkpoint_file, map_albef_keys  # noqa: E402
+from albef.config import Config, load_config  # noqa: E402
+from albef.engine.trainer import init_weights  # noqa: E402
+from albef.models import build_tokenizer  # noqa: E402
+from albef.tasks.grounding import GroundingTask, evaluate_grounding, main  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 16, "mlp_ratio": 4.0}
+
+
+@pytest.fixture(scope="module")
+def gset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grounding")
+    generate_grounding_set(str(out), num_train=16, num_val=4, num_test=4, image_size=32)
+    return out
+
+
+def _args(gset: Path, run: Path, *extra: str) -> list[str]:
+    return ["--config", str(CONFIGS / "test_tiny.yaml"), "--output-dir", str(run),
+            f"model.text.bert={gset / 'bert'}", f"data.train_files=[{gset / 'train.json'}]",
+            f"data.image_root={gset}", f"eval.image_root={gset}", f"eval.val_files=[{gset / 'val.json'}]",
+            f"eval.test_files=[{gset / 'test.json'}]", f"grounding.det_file={gset / 'dets.json'}",
+            "grounding.block_num=3", "loss.weights.mlm=0", "loss.same_id_positives=true", *extra]
+
+
+def test_train_evaluate_and_visualize_on_the_demo_grounding_set(gset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(gset, run, "train.max_steps=3")) == 0
+    out = capsys.readouterr().out
+    assert "detections" in out and "accuracy (%) at IoU >= 0.5" in out
+    assert (run / "best.pt").is_file()
+    val = json.loads((run / "results" / "val_latest.json").read_text())
+    test = json.loads((run / "results" / "test_latest.json").read_text())
+    assert set(val) >= {"val_d", "num_refs"} and set(test) >= {"testA_d", "testB_d"}
+
+    # the accuracy is the IoU >= 0.5 fraction of the written picks, recomputed by hand
+    refs = {r["ref_id"]: r for r in load_refs([str(gset / "test.json")])}
+    picks = json.loads((run / "results" / "grounding_test.json").read_text())
+    dets = load_boxes(str(gset / "dets.json"))
+    assert len(picks) == len(refs) == test["num_refs"]
+    for split in ("testA", "testB"):
+        mine = [p for p in picks if p["split"] == split]
+        hits = sum(_brute_iou([int(v) for v in refs[p["ref_id"]]["bbox"]], [int(v) for v in p["box_d"]]) >= 0.5
+                   for p in mine)
+        assert test[f"{split}_d"] == hits / len(mine)
+        assert all(p["box_d"] in dets[refs[p["ref_id"]]["image_id"]] for p in mine)
+
+    # --evaluate of best.pt reproduces the test accuracy
+    assert main(_args(gset, tmp_path / "eval", "--evaluate", "--init-from", str(run / "best.pt"))) == 0
+    assert json.loads((tmp_path / "eval" / "results" / "test_latest.json").read_text()) == test
+
+    # --visualize: references of eval.val_files, and any image + text
+    vis = tmp_path / "vis"
+    assert main(_args(gset, vis, "--visualize", "--init-from", str(run / "best.pt"), "grounding.visualize_count=2")) == 0
+    pngs = sorted((vis / "gradcam").glob("*.png"))
+    assert len(pngs) == 2 and list((vis / "tb").iterdir())
+    image = gset / json.loads((gset / "val.json").read_text())[0]["image"]
+    assert main(_args(gset, vis, "--visualize", "--init-from", str(run / "best.pt"), "--image", str(image),
+                      "--text", "the red circle", "--text", "a blue square")) == 0
+    drawn = sorted((vis / "gradcam").glob(f"*_{image.stem}.png"))
+    assert len(drawn) == 2
+    with Image.open(drawn[0]) as png:  # image, Grad-CAM and one panel per word ("the", "red", "circle")
+        from albef.visualize import figure_size
+        assert png.size == figure_size(5, 100)
+
+
+def test_evaluation_with_rigged_maps_picks_the_box_under_the_peak(gset, tmp_path, monkeypatch):
+    """With a Grad-CAM that lights up exactly the true box, every reference is found."""
+    import albef.tasks.grounding as grounding
+
+    cfg = load_config(str(CONFIGS / "test_tiny.yaml"), _args(gset, tmp_path)[4:])
+    refs = load_refs([str(gset / "val.json")])
+    in_order = iter(refs)  # one process: the loader yields the references in file order
+
+    def perfect(model, images, input_ids, attention_mask, block_num):
+        cams = torch.zeros(len(images), 32, 32)
+        for cam, ref in zip(cams, in_order):
+            x, y, w, h = (int(v) for v in ref["bbox"])
+            cam[y : y + h, x : x + w] = 1.0
+        return cams
+
+    monkeypatch.setattr(grounding, "gradcam", perfect)
+    monkeypatch.setattr(grounding, "upsample_map", lambda cam, h, w: cam)
+    model = GroundingTask().build_model(cfg)
+    result, records = evaluate_grounding(model, build_tokenizer(cfg), cfg, [str(gset / "val.json")], "cpu")
+    assert result == {"num_refs": len(refs), "val_d": 1.0}
+    assert all(r["iou_d"] == 1.0 for r in records)
+
+
+def test_user_mistakes_are_one_line(gset, tmp_path, capsys):
+    assert main(_args(gset, tmp_path / "a", "grounding.block_num=1")) == 2
+    assert "grounding.block_num=1 is not a fusion layer" in capsys.readouterr().err
+    assert main(_args(gset, tmp_path / "b", "loss.weights.mlm=1")) == 2
+    assert "loss.weights.mlm" in capsys.readouterr().err
+    bad = tmp_path / "val.json"
+    bad.write_text(json.dumps([{"image": "x.jpg", "text": "the red circle", "ref_id": 1}]))
+    assert main(_args(gset, tmp_path / "c", f"eval.val_files=[{bad}]")) == 2
+    err = capsys.readouterr().err
+    assert "lacks ['image_id', 'bbox', 'split']" in err and err.count("\n") == 1
+    assert main(_args(gset, tmp_path / "d", "--visualize", "--image", str(tmp_path / "none.jpg"), "--text", "x",
+                      "--init-from", str(gset / "dets.json"))) == 2
+
+
+@needs_original(DOWNSTREAM / "tiny_retrieval.pth")
+def test_the_originals_grounding_checkpoint_loads_and_explains(tmp_path):
+    """tiny_retrieval.pth is also ALBEF's grounding model: nothing missing or unexpected, and
+    Grad-CAM at ALBEF's default layer 8 runs on it."""
+    bert = write_original_bert(tmp_path / "bert", DOWNSTREAM / "configs" / "config_bert_tiny_l12.json")
+    cfg = Config.from_dict({
+        "model": {"embed_dim": 32, "queue_size": 16, "vision": {"image_size": 96, "pretrained": False, **TINY_VIT},
+                  "text": {"bert": str(bert), "pretrained": False, "fusion_layer": 6}},
+        "loss": {"weights": {"itc": 1.0, "itm": 1.0, "mlm": 0.0}, "same_id_positives": True},
+    })
+    assert cfg.grounding.block_num == 8
+    task = GroundingTask()
+    model = task.build_model(cfg)
+    path = DOWNSTREAM / "tiny_retrieval.pth"
+    report = init_weights(task, model, path, cfg)
+    assert not (report.skipped or report.new or report.resampled or report.reinitialised)
+    assert set(report.unexpected) <= {"text_encoder.bert.embeddings.position_ids",
+                                      "text_encoder_m.bert.embeddings.position_ids"}
+    source = map_albef_keys(load_checkpoint_file(path)["model"])
+    assert all(torch.equal(value, source[key]) for key, value in model.state_dict().items())
+    model.eval()
+    ids = torch.tensor([[101, 2417, 4418, 102], [101, 2630, 102, 0]])
+    cams = gradcam(model, torch.randn(2, 3, 96, 96), ids, (ids > 0).long(), 8)
+    assert cams.shape == (2, 6, 6) and torch.isfinite(cams).all() and (cams >= 0).all() and cams.sum() > 0

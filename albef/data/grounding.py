@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .captions import pre_caption
-from .datasets import AnnotationError, SampleError, read_image
+from .datasets import AnnotationError, CaptionDataset, SampleError, read_image
 
 SPLITS = ("val", "testA", "testB")
 REF_FIELDS = ("image_id", "bbox", "split")
@@ -44,12 +44,13 @@ def _read_json(path: str) -> Any:
 
 
 def grounding_train_annotations(files: Sequence[str]) -> list[dict]:
-    """Training expressions as caption annotations ``{"image", "caption", "image_id"}``.
+    """Training expressions as caption samples ``{"image", "caption", "id"}``.
 
-    The image id is the image's file name, as ALBEF's ``grounding_dataset`` keys it, so every
-    expression of an image is a positive of the others.
+    The id numbers the image's file name in order of first appearance, as ALBEF's
+    ``grounding_dataset`` does, so every expression of an image is a positive of the others.
     """
-    out = []
+    samples: list[dict] = []
+    ids: dict[str, int] = {}
     for path in files:
         data = _read_json(path)
         if not isinstance(data, list):
@@ -58,8 +59,18 @@ def grounding_train_annotations(files: Sequence[str]) -> list[dict]:
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
                     or not isinstance(entry.get("text"), str):
                 raise AnnotationError(f"{path}: entry {i} needs string 'image' and 'text' fields")
-            out.append({"image": entry["image"], "caption": entry["text"], "image_id": os.path.basename(entry["image"])})
-    return out
+            image_id = ids.setdefault(os.path.basename(entry["image"]), len(ids))
+            samples.append({"image": entry["image"], "caption": entry["text"], "id": image_id})
+    return samples
+
+
+class GroundingTrainDataset(CaptionDataset):
+    """Expression-image pairs of grounding training files, read as caption samples."""
+
+    def __init__(self, files: Sequence[str], image_root: str, transform: Callable, max_words: int = 30,
+                 seed: int = 0):
+        super().__init__([], image_root, transform, max_words, seed)
+        self.samples = grounding_train_annotations(files)
 
 
 def _check_box(box: Any, where: str) -> list[float]:
