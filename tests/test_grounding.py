@@ -298,7 +298,12 @@ def test_evaluation_with_rigged_maps_picks_the_box_under_the_peak(gset, tmp_path
     monkeypatch.setattr(grounding, "upsample_map", lambda cam, h, w: cam)
     model = GroundingTask().build_model(cfg)
     result, records = evaluate_grounding(model, build_tokenizer(cfg), cfg, [str(gset / "val.json")], "cpu")
-    assert result == {"num_refs": len(refs), "val_d": 1.0}
+    assert result["num_refs"] == len(refs) and result["val_d"] == 1.0
+    dets = load_boxes(str(gset / "dets.json"))
+    ints = lambda box: [int(v) for v in box]  # noqa: E731
+    chance = [sum(_brute_iou(ints(r["bbox"]), ints(b)) >= 0.5 for b in dets[r["image_id"]]) / len(dets[r["image_id"]])
+              for r in refs]
+    assert result["val_d_chance"] == pytest.approx(sum(chance) / len(chance))
     assert all(r["iou_d"] == 1.0 for r in records)
 
 

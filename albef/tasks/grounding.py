@@ -103,6 +103,18 @@ def grounding_accuracy(splits: Sequence[str], ious: Sequence[float], suffix: str
     return result
 
 
+def chance_accuracy(splits: Sequence[str], hit_fractions: Sequence[float], suffix: str = "_d") -> dict[str, float]:
+    """Expected accuracy of picking a candidate box uniformly at random, per split (keys
+    ``{split}{suffix}_chance``); `hit_fractions` is, per reference, the fraction of its image's
+    candidates with IoU >= 0.5."""
+    result = {}
+    for split in SPLITS:
+        fractions = [f for s, f in zip(splits, hit_fractions) if s == split]
+        if fractions:
+            result[f"{split}{suffix}_chance"] = sum(fractions) / len(fractions)
+    return result
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -124,7 +136,8 @@ def evaluate_grounding(model, tokenizer, cfg, files: Sequence[str], device) -> t
 
     Runs on every rank (each takes every world_size-th reference) and returns, on every rank, the
     accuracies (``{split}_d`` with `grounding.det_file`'s boxes, ``{split}_gt`` with
-    `grounding.coco_file`'s when set, ``num_refs``) and one prediction per reference.
+    `grounding.coco_file`'s when set, each with the random-pick level ``{split}_d_chance``, ...,
+    and ``num_refs``) and one prediction per reference.
     """
     gcfg = cfg.grounding
     refs = load_refs(files, gcfg.refs_file)
@@ -159,12 +172,16 @@ def evaluate_grounding(model, tokenizer, cfg, files: Sequence[str], device) -> t
                 box = candidates[pick_box(heat, candidates, gcfg.box_alpha)]
                 record[f"box{suffix}"] = box
                 record[f"iou{suffix}"] = box_iou(ref["bbox"], box)
+                hits = sum(box_iou(ref["bbox"], c) >= IOU_THRESHOLD for c in candidates)
+                record[f"chance{suffix}"] = hits / len(candidates)
             records.append(record)
     model.train(was_training)
     records = sorted(_gather(records), key=lambda r: str(r["ref_id"]))
     result = {"num_refs": len(records)}
     for suffix in box_sets:
-        result.update(grounding_accuracy([r["split"] for r in records], [r[f"iou{suffix}"] for r in records], suffix))
+        splits = [r["split"] for r in records]
+        result.update(grounding_accuracy(splits, [r[f"iou{suffix}"] for r in records], suffix))
+        result.update(chance_accuracy(splits, [r[f"chance{suffix}"] for r in records], suffix))
     return result, records
 
 
@@ -261,7 +278,8 @@ class GroundingTask(RetrievalTask):
 
     def format_result(self, result: dict[str, float]) -> str:
         rows = [f"{'boxes':12s}" + "".join(f"{split:>8s}" for split in SPLITS)]
-        for suffix, label in (("_d", "detections"), ("_gt", "coco boxes")):
+        for suffix, label in (("_d", "detections"), ("_d_chance", "  chance"), ("_gt", "coco boxes"),
+                              ("_gt_chance", "  chance")):
             if any(f"{split}{suffix}" in result for split in SPLITS):
                 cells = [f"{100 * result[f'{s}{suffix}']:8.2f}" if f"{s}{suffix}" in result else f"{'-':>8s}"
                          for s in SPLITS]
