@@ -345,3 +345,15 @@ def test_the_originals_grounding_checkpoint_loads_and_explains(tmp_path):
     ids = torch.tensor([[101, 2417, 4418, 102], [101, 2630, 102, 0]])
     cams = gradcam(model, torch.randn(2, 3, 96, 96), ids, (ids > 0).long(), 8)
     assert cams.shape == (2, 6, 6) and torch.isfinite(cams).all() and (cams >= 0).all() and cams.sum() > 0
+
+
+def test_grounding_training_sees_the_whole_image():
+    """ALBEF's grounding augmentation resizes instead of cropping: without flip and RandAugment
+    it is the evaluation transform."""
+    from albef.data.transforms import eval_transform, train_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    mean, std = [0.5] * 3, [0.25] * 3
+    whole = train_transform(32, mean, std, randaugment=False, hflip=False, crop=False)(image)
+    assert torch.equal(whole, eval_transform(32, mean, std)(image))
+    assert train_transform(32, mean, std, crop=False)(image).shape == (3, 32, 32)
