@@ -14,6 +14,7 @@ setup(
         "safetensors",
         "webdataset",
         "tensorboard",
+        "matplotlib",
         "pillow",
         "PyYAML",
         "numpy",
@@ -27,6 +28,7 @@ setup(
             "albef-nlvr=albef.tasks.nlvr:main",
             "albef-nlvr-pretrain=albef.tasks.nlvr_pretrain:main",
             "albef-vqa=albef.tasks.vqa:main",
+            "albef-grounding=albef.tasks.grounding:main",
         ]
     },
 )

@@ -161,6 +161,17 @@ class VQAConfig:
 
 
 @dataclass
+class GroundingConfig:
+    """Weakly supervised grounding (albef-grounding): Grad-CAM layer and box files."""
+    block_num: int = 8  # BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM reads
+    det_file: str = "data/refcoco+/dets.json"  # {image_id: [[x, y, w, h, ...], ...]} candidate boxes
+    coco_file: str | None = None  # optional second box file (ALBEF's cocos.json): adds {split}_gt accuracies
+    refs_file: str | None = None  # {ref_id: {image_id, bbox, split}} for eval entries that lack them
+    box_alpha: float = 0.5  # box score = map[box].sum() / area ** box_alpha
+    visualize_count: int = 16  # references drawn by --visualize
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/pretrain"
     seed: int = 42
@@ -171,6 +182,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML / checkpoint friendly)."""
@@ -306,6 +318,7 @@ _RANGES = {
     "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_tokens": "[3, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
     "vqa.k_test": "[1, inf)", "vqa.vg_weight": "[0, inf)", "vqa.eval_max_words": "[1, inf)",
+    "grounding.block_num": "[0, inf)", "grounding.box_alpha": "[0, inf)", "grounding.visualize_count": "[1, inf)",
 }
 
 

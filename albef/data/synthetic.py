@@ -458,3 +458,97 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- grounding set
+
+GROUNDING_TEMPLATES = (
+    "the {color} {shape}",
+    "a {color} {shape}",
+    "the {size} {color} {shape}",
+    "the {shape} colored {color}",
+)
+GROUNDING_CORNERS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))  # never overlap at any size
+
+
+def shape_box(item: Shape, side: int) -> list[int]:
+    """Pixel box [x, y, w, h] of the drawn shape (its non-background pixels)."""
+    mask = Image.new("RGB", (side, side), (0, 0, 0))
+    draw_shape(ImageDraw.Draw(mask), item, side)
+    x0, y0, x1, y1 = mask.getbbox()
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def grounding_scene(rng: random.Random, num_shapes: int) -> tuple[str, list[Shape]]:
+    """A background and `num_shapes` shapes in distinct corners, no two sharing a colour or a
+    shape, so "the <colour> <shape>" names exactly one of them."""
+    corners = rng.sample(GROUNDING_CORNERS, num_shapes)
+    shapes = rng.sample(SHAPES, num_shapes)
+    colors = rng.sample(list(COLORS), num_shapes)
+    items = [Shape(s, c, rng.choice(list(SIZES)), corner) for s, c, corner in zip(shapes, colors, corners)]
+    return rng.choice(list(BACKGROUNDS)), items
+
+
+def _write_grounding_split(out_dir, split, count, side, rng, shapes_per_image, refs, dets, ref_id):
+    """Scenes of one split: one reference per shape; boxes of every shape go to `dets`."""
+    for i in range(count):
+        background, items = grounding_scene(rng, shapes_per_image)
+        path = f"images/{split}_{i:06d}.jpg"
+        render(background, items, side).save(os.path.join(out_dir, path), quality=95)
+        image_id = f"{split}_{i:06d}"
+        boxes = [shape_box(item, side) for item in items]
+        dets[image_id] = boxes
+        for item, box in zip(items, boxes):
+            text = _articles(rng.choice(GROUNDING_TEMPLATES).format(color=item.color, shape=item.shape, size=item.size))
+            refs.append({"image": path, "text": text, "ref_id": ref_id, "image_id": image_id, "bbox": box,
+                         "split": split})
+            ref_id += 1
+    return ref_id
+
+
+def generate_grounding_set(
+    out_dir: str,
+    num_train: int = 1000,
+    num_val: int = 100,
+    num_test: int = 100,
+    image_size: int = 64,
+    seed: int = 0,
+) -> dict[str, str]:
+    """A tiny RefCOCO+-style grounding set of demo scenes, in ALBEF's grounding layout::
+
+        out_dir/images/{train,val,testA,testB}_NNNNNN.jpg
+        out_dir/train.json   [{image, text, ref_id}]   one expression per shape ("the red circle")
+        out_dir/val.json     [{image, text, ref_id, image_id, bbox, split}]   split val
+        out_dir/test.json    the same for splits testA (2 shapes per scene) and testB (3 shapes)
+        out_dir/dets.json    {image_id: [[x, y, w, h], ...]}: the box of every shape in the image
+        out_dir/bert/        the demo vocabulary (the same as the demo corpus's)
+
+    Train and val scenes have 2 or 3 shapes; a random box pick is right 1/2 or 1/3 of the time.
+    Returns the paths to put in the config.
+    """
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    dets: dict[str, list[list[int]]] = {}
+    files, ref_id = {}, 0
+    for name, parts in (
+        ("train", [("train", num_train // 2, 2), ("train", num_train - num_train // 2, 3)]),
+        ("val", [("val", num_val // 2, 2), ("val", num_val - num_val // 2, 3)]),
+        ("test", [("testA", num_test // 2, 2), ("testB", num_test - num_test // 2, 3)]),
+    ):
+        refs: list[dict] = []
+        for n, (split, count, shapes_per_image) in enumerate(parts):
+            tag = f"{split}{n}" if split in ("train", "val") else split  # image names of the two halves differ
+            start = len(refs)
+            ref_id = _write_grounding_split(out_dir, tag, count, image_size, rng, shapes_per_image, refs, dets, ref_id)
+            for ref in refs[start:]:
+                ref["split"] = split
+        if name == "train":
+            refs = [{"image": r["image"], "text": r["text"], "ref_id": r["ref_id"]} for r in refs]
+        files[name] = os.path.join(out_dir, f"{name}.json")
+        with open(files[name], "w", encoding="utf-8") as fp:
+            json.dump(refs, fp, indent=0)
+    with open(os.path.join(out_dir, "dets.json"), "w", encoding="utf-8") as fp:
+        json.dump(dets, fp)
+    write_bert_dir(os.path.join(out_dir, "bert"))
+    return {"image_root": out_dir, **files, "dets": os.path.join(out_dir, "dets.json"),
+            "bert": os.path.join(out_dir, "bert")}
