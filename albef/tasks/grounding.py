@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -111,7 +112,7 @@ def chance_accuracy(splits: Sequence[str], hit_fractions: Sequence[float], suffi
     for split in SPLITS:
         fractions = [f for s, f in zip(splits, hit_fractions) if s == split]
         if fractions:
-            result[f"{split}{suffix}_chance"] = sum(fractions) / len(fractions)
+            result[f"{split}{suffix}_chance"] = math.fsum(fractions) / len(fractions)
     return result
 
 
