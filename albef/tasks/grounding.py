@@ -45,7 +45,7 @@ from albef.data.grounding import (
     load_refs,
 )
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import DistInfo, get_rank, get_world_size, init_distributed, is_distributed
+from albef.dist import DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed
 from albef.engine.trainer import init_weights, seed_everything
 from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, upsample_map
 from albef.models import build_tokenizer
@@ -346,6 +346,7 @@ def visualize(argv: Sequence[str] | None) -> int:
             print(f"{path}: {text!r}{hit}", flush=True)
     finally:
         writer.close()
+        destroy_distributed()
     return 0
 
 
