@@ -371,6 +371,7 @@ def generate_reasoning_sets(
             paths[f"{task}_{split}"] = os.path.join(out_dir, f"{task}_{split}.json")
             with open(paths[f"{task}_{split}"], "w", encoding="utf-8") as fp:
                 json.dump(entries, fp, indent=0)
+    return paths
 
 
 # ----------------------------------------------------------------------------- VQA set (albef-vqa demo)
