@@ -140,6 +140,7 @@ class EvalConfig:
     batch_size: int = 64
     k_test: int = 256
     num_workers: int = 4
+    save_examples: int = 0  # retrieval: picture grids of this many text and image queries (--save-examples)
 
 
 @dataclass
@@ -286,6 +287,7 @@ _RANGES = {
     "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
     "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_tokens": "[3, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
+    "eval.save_examples": "[0, inf)",
 }
 
 
