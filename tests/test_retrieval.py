@@ -349,3 +349,48 @@ def test_cli_loads_a_checkpoint_without_mlm_heads_as_albef_retrieval_ones(corpus
     assert main(args[:3] + [str(tmp_path / "broken.pth")] + args[4:]) == 2
     err = capsys.readouterr().err
     assert "itm_head.weight" in err and len(err.strip().splitlines()) == 1
+
+
+def test_save_examples_writes_marked_grids_to_png_and_tensorboard(corpus, model, tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from albef.checkpoint import save_pretrained
+    from albef.tasks.retrieval import main
+    from albef.visualize_retrieval import DPI, IMAGE_QUERY_INCHES, TEXT_QUERY_INCHES
+
+    path = save_pretrained(model, tmp_path / "model.pt")
+    run = tmp_path / "run"
+    args = ["--config", str(CONFIGS / "test_tiny.yaml"), "--evaluate", "--init-from", str(path), "--save-examples", "3",
+            "--output-dir", str(run), "loss.weights.mlm=0", f"model.text.bert={corpus / 'bert'}",
+            f"eval.test_files=[{corpus / 'test.json'}]", f"eval.image_root={corpus}"]
+    assert main(args) == 0
+    pngs = sorted((run / "examples" / "test").glob("*.png"))
+    texts = [p for p in pngs if p.name.startswith("text_to_image_")]
+    images = [p for p in pngs if p.name.startswith("image_to_text_")]
+    assert len(texts) == len(images) == 3 and len(pngs) == 6
+    for files, inches in ((texts, TEXT_QUERY_INCHES), (images, IMAGE_QUERY_INCHES)):
+        for png in files:
+            with Image.open(png) as picture:
+                assert picture.size == (int(inches[0] * DPI), int(inches[1] * DPI))
+                assert len(picture.getcolors(1 << 16) or range(1 << 16)) > 50  # drawn, not blank
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert len([tag for tag in events.Tags()["images"] if tag.startswith("test_examples/")]) == 6
+    # a negative count is one line naming the key
+    assert main(args[:6] + ["-1"] + args[7:]) == 2
+
+
+def test_example_grids_mark_the_correct_candidates():
+    import numpy as np
+    from PIL import Image
+
+    from albef.visualize_retrieval import RIGHT, WRONG, text_query_figure
+
+    red = Image.new("RGB", (32, 32), (200, 0, 0))
+    rgb = text_query_figure("a red square", [red] * 5, [True, False, False, False, False],
+                            ["itm 3.0", "itm 1.0", "itm 0.5", "itc 0.2", "itc 0.1"])
+    hex_rgb = lambda h: np.array([int(h[i:i + 2], 16) for i in (1, 3, 5)])  # noqa: E731
+    green_px = (np.abs(rgb.astype(int) - hex_rgb(RIGHT)).sum(-1) < 30).sum()
+    red_px = (np.abs(rgb.astype(int) - hex_rgb(WRONG)).sum(-1) < 30).sum()
+    assert green_px > 100 and red_px > 4 * green_px  # one frame green, four red

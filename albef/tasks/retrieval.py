@@ -437,8 +437,12 @@ def format_table(result: Mapping[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`albef-retrieval --config CFG [--init-from PATH] [--evaluate] [...]`; see albef/cli.py."""
-    return run_task(RetrievalTask, argv, "albef-retrieval", "ALBEF image-text retrieval: fine-tuning and evaluation")
+    """`albef-retrieval --config CFG [--init-from PATH] [--evaluate] [--save-examples N] [...]`;
+    see albef/cli.py."""
+    flags = {"--save-examples": ("eval.save_examples", "write picture grids of N text and N image queries "
+                                 "(their top-5, correct ones marked) to OUTPUT_DIR/examples/ and TensorBoard")}
+    return run_task(RetrievalTask, argv, "albef-retrieval", "ALBEF image-text retrieval: fine-tuning and evaluation",
+                    flags)
 
 
 if __name__ == "__main__":
