@@ -10,8 +10,8 @@ from torch import nn
 from albef.engine.optim import build_optimizer, param_groups
 from albef.engine.schedule import alpha_at, lr_at
 
-OPTIM = SimpleNamespace(lr=1e-4, warmup_lr=1e-5, warmup_steps=100, min_lr=1e-6, weight_decay=0.02,
-                        betas=[0.9, 0.999])
+OPTIM = SimpleNamespace(lr=1e-4, warmup_lr=1e-5, warmup_steps=100, warmup_across_epochs=False, min_lr=1e-6,
+                        weight_decay=0.02, betas=[0.9, 0.999])
 
 
 def test_warmup_is_linear_from_warmup_lr_to_lr():
@@ -29,6 +29,15 @@ def test_cosine_per_epoch_endpoints():
     assert lr_at(5000, 7, OPTIM, 30) == pytest.approx(expected)
     # constant within an epoch once warmup is over
     assert lr_at(3000, 7, OPTIM, 30) == lr_at(4000, 7, OPTIM, 30)
+
+
+def test_warmup_is_confined_to_epoch_0_as_albef_unless_asked():
+    """ALBEF's Pretrain.py: `if epoch==0 and ... i<=warmup_iterations`; epoch 1 is on the cosine."""
+    cosine_1 = 1e-6 + 0.5 * (1e-4 - 1e-6) * (1 + math.cos(math.pi * 1 / 30))
+    assert lr_at(60, 1, OPTIM, 30) == pytest.approx(cosine_1)
+    across = SimpleNamespace(**{**vars(OPTIM), "warmup_across_epochs": True})
+    assert lr_at(60, 1, across, 30) == pytest.approx(1e-5 + 0.6 * (1e-4 - 1e-5))
+    assert lr_at(100, 1, across, 30) == pytest.approx(cosine_1)
 
 
 def test_no_warmup_starts_at_lr():

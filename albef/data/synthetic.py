@@ -201,6 +201,7 @@ def generate_corpus(
     seed: int = 0,
     captions_per_image: int = 2,
     shard_size: int = 500,
+    num_val: int = 200,
 ) -> dict[str, str]:
     """Write the demo corpus under `out_dir`; returns the paths to put in the config."""
     most = min(len(SINGLE_TEMPLATES), *(len(t) for t in PAIR_TEMPLATES.values()))
@@ -212,12 +213,14 @@ def generate_corpus(
     rng = random.Random(seed)
     _write_split(out_dir, "train", num_train, image_size, rng, captions_per_image, shard_size)
     _write_split(out_dir, "test", num_test, image_size, rng, captions_per_image, None)
+    _write_split(out_dir, "val", num_val, image_size, rng, captions_per_image, None)  # model selection
     write_bert_dir(os.path.join(out_dir, "bert"))
     last = (num_train - 1) // shard_size
     return {
         "image_root": out_dir,
         "train": os.path.join(out_dir, "train.json"),
         "test": os.path.join(out_dir, "test.json"),
+        "val": os.path.join(out_dir, "val.json"),
         "shards": os.path.join(out_dir, "shards", f"train-{{000000..{last:06d}}}.tar"),
         "bert": os.path.join(out_dir, "bert"),
     }
