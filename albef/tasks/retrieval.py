@@ -337,7 +337,8 @@ def retrieval_scores(model, cfg, device: torch.device | str, split: str = "test"
     With a process group, each rank encodes a contiguous block of images and captions; caption
     states and all ITC features are gathered (uneven blocks allowed), image tokens stay on the
     rank that encoded them (in the autocast dtype on CUDA) and each rank re-scores the pairs of
-    its own images. Every rank returns the same matrices.
+    its own images, in fusion batches of max(k_test, eval.batch_size) pairs. Every rank returns
+    the same matrices.
     """
     device = torch.device(device)
     dataset = RetrievalDataset(
@@ -380,7 +381,7 @@ def retrieval_scores(model, cfg, device: torch.device | str, split: str = "test"
         mine = pairs[first:last]  # the pairs of this rank's images
         with _autocast(device, precision), progress(len(mine), f"{split}: ITM re-rank", "pair") as bar:
             scores = score_pairs(model, mine, num_texts, image_embeds, images.start, text_embeds, text_masks,
-                                 cfg.eval.k_test, bar)
+                                 max(cfg.eval.k_test, cfg.eval.batch_size), bar)
         del image_embeds, text_embeds
         scores = gather_rows(scores)[0]  # rank order = image order = the order of `pairs`
         i2t, i2t_plus = topk_matrix(sims, i2t_topk, pairs, scores, transpose=False)
