@@ -384,14 +384,16 @@ def retrieval_scores(model, cfg, device: torch.device | str, split: str = "test"
                                  max(cfg.eval.k_test, cfg.eval.batch_size), bar)
         del image_embeds, text_embeds
         scores = gather_rows(scores)[0]  # rank order = image order = the order of `pairs`
+        # the dense score matrices live on the CPU (COCO: 4 x 0.5 GB)
+        sims, pairs, scores, i2t_topk, t2i_topk = (t.cpu() for t in (sims, pairs, scores, i2t_topk, t2i_topk))
         i2t, i2t_plus = topk_matrix(sims, i2t_topk, pairs, scores, transpose=False)
         t2i, t2i_plus = topk_matrix(sims, t2i_topk, pairs, scores, transpose=True)
         _sync(device)
         reranked = time.perf_counter()
     finally:
         model.train(was_training)
-    return RetrievalScores(dataset, sims.cpu(), i2t.cpu(), t2i.cpu(), i2t_plus.cpu(), t2i_plus.cpu(),
-                           num_pairs=len(pairs), time_encode_s=encoded - start, time_rerank_s=reranked - encoded)
+    return RetrievalScores(dataset, sims, i2t, t2i, i2t_plus, t2i_plus, num_pairs=len(pairs),
+                           time_encode_s=encoded - start, time_rerank_s=reranked - encoded)
 
 
 @torch.no_grad()
