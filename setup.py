@@ -14,6 +14,7 @@ setup(
         "safetensors",
         "webdataset",
         "tensorboard",
+        "matplotlib",
         "pillow",
         "PyYAML",
         "numpy",
@@ -23,6 +24,11 @@ setup(
             "albef-pretrain=albef.pretrain:main",
             "albef-demo=albef.demo:main",
             "albef-retrieval=albef.tasks.retrieval:main",
+            "albef-ve=albef.tasks.ve:main",
+            "albef-nlvr=albef.tasks.nlvr:main",
+            "albef-nlvr-pretrain=albef.tasks.nlvr_pretrain:main",
+            "albef-vqa=albef.tasks.vqa:main",
+            "albef-grounding=albef.tasks.grounding:main",
         ]
     },
 )

@@ -81,6 +81,7 @@ class LossConfig:
     alpha: float = 0.4
     alpha_warmup: bool = True
     mlm_probability: float = 0.15
+    mlm_mask_sep: bool = True  # ALBEF masks [SEP] like any word (never [PAD], [CLS])
     itc_gather_batch: bool = False
     itm_negatives: Literal["local", "global"] = "local"
     same_id_positives: bool = False  # ITC positives: false = the pair only (ALBEF pretraining),
@@ -98,6 +99,7 @@ class DataConfig:
     num_samples: int | None = None
     max_words: int = 30
     max_tokens: int = 25
+    pad_to_max_tokens: bool = False  # pad every batch to max_tokens (static shapes)
     num_workers: int = 4
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -121,6 +123,7 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite: int = 10
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False  # torch.compile each ViT block and BERT layer
 
 
 @dataclass
@@ -147,6 +150,29 @@ class EvalConfig:
 
 
 @dataclass
+class VQAConfig:
+    """VQA fine-tuning (albef-vqa): answer list, ranking and answer weights (ALBEF VQA.yaml/VQA.py)."""
+    answer_list: str = "data/answer_list.json"  # JSON list of candidate answers ranked at evaluation
+    k_test: int = 128                  # answers kept by first-token probability, then re-ranked
+    count_first_token_twice: bool = True  # ALBEF's rank_answer; false: plain sequence likelihood
+    eos: str = "[SEP]"                 # appended to every answer
+    vg_weight: float = 0.5             # weight of a Visual Genome ("dataset": "vg") answer
+    vg_root: str = ""                  # image root of "vg" entries (empty: data.image_root)
+    eval_max_words: int = 50           # question words kept at evaluation (training: data.max_words)
+
+
+@dataclass
+class GroundingConfig:
+    """Weakly supervised grounding (albef-grounding): Grad-CAM layer and box files."""
+    block_num: int = 8  # BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM reads
+    det_file: str = "data/refcoco+/dets.json"  # {image_id: [[x, y, w, h, ...], ...]} candidate boxes
+    coco_file: str | None = None  # optional second box file (ALBEF's cocos.json): adds {split}_gt accuracies
+    refs_file: str | None = None  # {ref_id: {image_id, bbox, split}} for eval entries that lack them
+    box_alpha: float = 0.5  # box score = map[box].sum() / area ** box_alpha
+    visualize_count: int = 16  # references drawn by --visualize
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/pretrain"
     seed: int = 42
@@ -156,6 +182,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    vqa: VQAConfig = field(default_factory=VQAConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML / checkpoint friendly)."""
@@ -291,6 +319,8 @@ _RANGES = {
     "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_tokens": "[3, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
     "eval.save_examples": "[0, inf)",
+    "vqa.k_test": "[1, inf)", "vqa.vg_weight": "[0, inf)", "vqa.eval_max_words": "[1, inf)",
+    "grounding.block_num": "[0, inf)", "grounding.box_alpha": "[0, inf)", "grounding.visualize_count": "[1, inf)",
 }
 
 

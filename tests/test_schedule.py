@@ -65,13 +65,32 @@ class _Toy(nn.Module):
 
 
 def test_no_decay_on_biases_and_1d_params():
+    """ALBEF's add_weight_decay exempts `len(shape) == 1` and `.bias`: the 0-d temp is decayed."""
     model = _Toy()
     decay, no_decay = param_groups(model, 0.02)
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
-    assert ids(decay) == {id(model.linear.weight), id(model.pos_embed)}
-    assert ids(no_decay) == {id(model.linear.bias), id(model.norm.weight), id(model.norm.bias),
-                             id(model.temp)}
+    assert ids(decay) == {id(model.linear.weight), id(model.pos_embed), id(model.temp)}
+    assert ids(no_decay) == {id(model.linear.bias), id(model.norm.weight), id(model.norm.bias)}
+
+
+def test_fused_adamw_on_cpu_matches_foreach():
+    """The fused CPU kernel takes the same steps as the foreach implementation."""
+    torch.manual_seed(0)
+    models = [_Toy(), _Toy()]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], OPTIM, torch.device("cpu"))
+    assert fused.defaults["fused"]
+    groups = param_groups(models[1], OPTIM.weight_decay)
+    reference = torch.optim.AdamW(groups, lr=OPTIM.lr, betas=(0.9, 0.999), foreach=True)
+    for step in range(3):
+        for model, optimizer in zip(models, (fused, reference)):
+            torch.manual_seed(step)
+            (model.linear(torch.randn(2, 4)).pow(2).sum() + model.temp + model.pos_embed.sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_build_optimizer_skips_frozen_params():

@@ -237,6 +237,8 @@ class Trainer:
             save_config(cfg, str(self.output_dir / "config.yaml"))
 
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        if self.device.type == "cuda":  # fp32 matmuls (fp32 runs, fp32 parts of bf16 runs) may use TF32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed)  # identical initial weights and queues on every rank
         self.model = task.build_model(cfg)
         resume_path = resolve_resume(resume, cfg.output_dir) if resume else None
