@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain_step import SMOKE, write_bert_dir  # noqa: E402
+from benchmark import PRESETS, write_bert_dir  # noqa: E402
 
 from albef.config import load_config  # noqa: E402
 from albef.models import build_model  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
                      "model.vision.checkpoint=null", "model.init_checkpoint=null", f"eval.test_files=[{test}]",
                      "eval.val_files=[]", f"eval.image_root={tmp / 'data'}", "loss.weights.mlm=0",
                      f"output_dir={tmp / 'run'}"]
-        overrides += SMOKE + ["eval.k_test=4", "eval.num_workers=0"] if args.smoke else []
+        overrides += PRESETS["smoke"] + ["eval.k_test=4", "eval.num_workers=0"] if args.smoke else []
         cfg = load_config(args.config, overrides + args.overrides)
         torch.manual_seed(0)
         model = build_model(cfg).to(device).eval()
