@@ -10,7 +10,7 @@ Overrides may stand anywhere on the line. `--init-from` starts training from wei
 best.pt, else its newest checkpoint.
 
 Exit codes: 0 done; 1 training stopped (non-finite losses, too much bad data, a checkpoint that
-cannot be written); 2 a user mistake (config, arguments, data files, a weight file that does not
+cannot be written, a `--resume` checkpoint that cannot be read); 2 a user mistake (config, arguments, data files, a weight file that does not
 fit), reported in one line before anything trains; 75 preempted after saving a checkpoint.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from albef.checkpoint import CheckpointError, checkpoint_dir, find_latest, resol
 from albef.config import Config, ConfigError, check_model_config, check_paths, load_config
 from albef.data.datasets import AnnotationError, BadDataError
 from albef.dist import destroy_distributed, init_distributed
-from albef.engine.trainer import Trainer, TrainingError, evaluate_only
+from albef.engine.trainer import InitError, Trainer, TrainingError, evaluate_only
 
 USER_ERRORS = (ConfigError, CheckpointError, AnnotationError)
 
@@ -92,11 +92,11 @@ def run_task(make_task: Callable[[], Any], argv: Sequence[str] | None, prog: str
     `flags`: the task's own `--flag VALUE` options, each setting one config key."""
     try:
         args, cfg = parse(argv, prog, description, flags)
+        resume = resolve_resume(args.resume, cfg.output_dir) if args.resume and not args.evaluate else None
         task = make_task()
         check = getattr(task, "check", None)
         if check is not None:
             check(cfg, training=not args.evaluate)  # the task's own preflight (its annotation files, ...)
-        resume = resolve_resume(args.resume, cfg.output_dir) if args.resume and not args.evaluate else None
     except USER_ERRORS as err:
         return _fail(err, 2)
 
@@ -110,8 +110,10 @@ def run_task(make_task: Callable[[], Any], argv: Sequence[str] | None, prog: str
             return 0
         try:
             trainer = Trainer(cfg, task, dist_info, resume=str(resume) if resume else None)
-        except USER_ERRORS as err:  # e.g. an --init-from file that does not fit the model
+        except (ConfigError, AnnotationError, InitError) as err:  # e.g. an --init-from file that does not fit
             return _fail(err, 2)
+        except CheckpointError as err:  # the run's own checkpoint cannot be resumed
+            return _fail(err, 1)
         try:
             return trainer.fit()
         except ConfigError as err:  # found late, e.g. by the data pipeline

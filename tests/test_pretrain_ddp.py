@@ -27,7 +27,8 @@ def test_two_process_pretraining_end_to_end(tmp_path):
     assert stdout.count("step 3/3") == 1
 
     checkpoint = torch.load(out / "checkpoints" / "step_00000003.pt", weights_only=True)
-    assert checkpoint["train_state"] == {"epoch": 1, "step": 3, "consumed": 8, "nonfinite_steps": 0}
+    assert checkpoint["train_state"] == {"epoch": 1, "step": 3, "consumed": 8, "nonfinite_steps": 0,
+                                         "best_metric": None, "best_epoch": None, "evaluated_step": None}
     assert len(checkpoint["rng"]) == 2  # every rank's RNG state
     assert (out / "checkpoints" / "step_00000002.pt").is_file()  # end of epoch 0
     assert (out / "config.yaml").is_file()

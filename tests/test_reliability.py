@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from albef import pretrain
+from albef import cli, pretrain
 from albef.checkpoint import find_latest, load_checkpoint_file
 from albef.data.synthetic import generate_corpus
 from albef.engine.trainer import PREEMPTED_EXIT_CODE
@@ -352,7 +352,7 @@ def no_training(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("reached process-group / data setup")
 
-    monkeypatch.setattr(pretrain, "init_distributed", forbidden)
+    monkeypatch.setattr(cli, "init_distributed", forbidden)
     monkeypatch.setattr(pretrain, "PretrainTask", forbidden)
 
 

@@ -41,6 +41,10 @@ from albef.engine.schedule import alpha_at, lr_at
 PREEMPTED_EXIT_CODE = 75  # exit status after SIGTERM/SIGUSR1: a checkpoint was saved, requeue me
 
 
+class InitError(CheckpointError):
+    """The `--init-from` weights do not fit the task's model (a user mistake: exit code 2)."""
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue (repeated non-finite losses, an empty epoch); str() is one line."""
 
@@ -563,10 +567,13 @@ def init_weights(task: Task, model: nn.Module, path: str | Path, cfg: Config) ->
         state = {k: v for k, v in state.items() if k not in QUEUE_KEYS}
     queues = [k for k in QUEUE_KEYS if k in model.state_dict() and k not in state]
     custom = getattr(task, "init_weights", None)
-    if custom is not None:
-        report = custom(model, state, str(path))
-    else:
-        report = load_weights(model, state, str(path), new=queues)
+    try:
+        if custom is not None:
+            report = custom(model, state, str(path))
+        else:
+            report = load_weights(model, state, str(path), new=queues)
+    except CheckpointError as err:
+        raise InitError(str(err)) from err
     report.print()
     return report
 

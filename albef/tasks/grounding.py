@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ from albef.data.grounding import (
     load_refs,
 )
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import DistInfo, get_rank, get_world_size, init_distributed, is_distributed
+from albef.dist import DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed
 from albef.engine.trainer import init_weights, seed_everything
 from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, upsample_map
 from albef.models import build_tokenizer
@@ -111,7 +112,7 @@ def chance_accuracy(splits: Sequence[str], hit_fractions: Sequence[float], suffi
     for split in SPLITS:
         fractions = [f for s, f in zip(splits, hit_fractions) if s == split]
         if fractions:
-            result[f"{split}{suffix}_chance"] = sum(fractions) / len(fractions)
+            result[f"{split}{suffix}_chance"] = math.fsum(fractions) / len(fractions)
     return result
 
 
@@ -345,6 +346,7 @@ def visualize(argv: Sequence[str] | None) -> int:
             print(f"{path}: {text!r}{hit}", flush=True)
     finally:
         writer.close()
+        destroy_distributed()
     return 0
 
 
