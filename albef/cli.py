@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from albef.checkpoint import CheckpointError, checkpoint_dir, find_latest, resolve_resume
 from albef.config import Config, ConfigError, check_model_config, check_paths, load_config
@@ -36,7 +36,11 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+# A task's own flag: `--flag VALUE` sets one config key (the value is parsed as an override).
+TaskFlags = Mapping[str, tuple[str, str]]  # {"--save-examples": ("eval.save_examples", help)}
+
+
+def build_parser(prog: str, description: str, flags: TaskFlags | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--output-dir", help="overrides output_dir")
@@ -44,14 +48,18 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--init-from", help="start from these weights (sets model.init_checkpoint): our .pt/.dcp "
                         "checkpoint or run directory, or a released ALBEF .pth")
     parser.add_argument("--evaluate", action="store_true", help="evaluate on val/test only, no training")
+    for flag, (key, help) in (flags or {}).items():
+        parser.add_argument(flag, dest=key, metavar="N", help=f"{help} (sets {key})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
 
-def parse(argv: Sequence[str] | None, prog: str, description: str) -> tuple[argparse.Namespace, Config]:
+def parse(argv: Sequence[str] | None, prog: str, description: str,
+          flags: TaskFlags | None = None) -> tuple[argparse.Namespace, Config]:
     """Arguments and the validated config (paths checked); raises ConfigError."""
-    args = build_parser(prog, description).parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    args = build_parser(prog, description, flags).parse_intermixed_args(argv)
+    flag_overrides = [f"{key}={getattr(args, key)}" for key, _ in (flags or {}).values() if getattr(args, key) is not None]
+    cfg = load_config(args.config, list(args.overrides) + flag_overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
     if args.init_from:
@@ -78,10 +86,12 @@ def _fail(err: BaseException, code: int) -> int:
     return code
 
 
-def run_task(make_task: Callable[[], Any], argv: Sequence[str] | None, prog: str, description: str) -> int:
-    """Parse, validate, build and run one task: train (or `--evaluate`); returns the exit code."""
+def run_task(make_task: Callable[[], Any], argv: Sequence[str] | None, prog: str, description: str,
+             flags: TaskFlags | None = None) -> int:
+    """Parse, validate, build and run one task: train (or `--evaluate`); returns the exit code.
+    `flags`: the task's own `--flag VALUE` options, each setting one config key."""
     try:
-        args, cfg = parse(argv, prog, description)
+        args, cfg = parse(argv, prog, description, flags)
         resume = resolve_resume(args.resume, cfg.output_dir) if args.resume and not args.evaluate else None
         task = make_task()
         check = getattr(task, "check", None)

@@ -146,6 +146,7 @@ class EvalConfig:
     batch_size: int = 64
     k_test: int = 256
     num_workers: int = 4
+    save_examples: int = 0  # retrieval: picture grids of this many text and image queries (--save-examples)
 
 
 @dataclass
@@ -317,6 +318,7 @@ _RANGES = {
     "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
     "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_tokens": "[3, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
+    "eval.save_examples": "[0, inf)",
     "vqa.k_test": "[1, inf)", "vqa.vg_weight": "[0, inf)", "vqa.eval_max_words": "[1, inf)",
     "grounding.block_num": "[0, inf)", "grounding.box_alpha": "[0, inf)", "grounding.visualize_count": "[1, inf)",
 }

@@ -38,3 +38,20 @@ def test_quick_demo_beats_chance(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "x chance" in out and (tmp_path / "run" / "itc_ce_kl.png").is_file()
+
+    # albef.load on the demo run: each test caption's own image comes first more often than chance
+    import albef
+    import torch
+    from PIL import Image
+
+    model, _ = albef.load(tmp_path / "run")
+    test = json.loads((tmp_path / "data" / "test.json").read_text())
+    images = [Image.open(tmp_path / "data" / entry["image"]) for entry in test]
+    captions = [entry["caption"][0] for entry in test]
+    own = torch.arange(len(test))
+    itc_top1 = (model.similarity(images, captions).argmax(dim=0) == own).float().mean().item()
+    few = 30  # ITM scores every pair: a subset
+    itm_top1 = (model.itm_score(images[:few], captions[:few]).argmax(dim=0) == own[:few]).float().mean().item()
+    print(f"albef.load on the demo run: caption -> own image first: ITC {itc_top1:.2f} (chance {1 / len(test):.2f}), "
+          f"ITM {itm_top1:.2f} (chance {1 / few:.2f})")
+    assert itc_top1 > 2 / len(test) and itm_top1 > 1 / few

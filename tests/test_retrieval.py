@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from albef.tasks.retrieval import RECALL_AT, chance_recall, itm_eval, rerank
+from albef.tasks.retrieval import RECALL_AT, chance_recall, itm_eval
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -109,23 +109,69 @@ def test_chance_matches_random_scores():
         assert mean == pytest.approx(chance[key], abs=2.5)
 
 
-def test_rerank_scores_exactly_the_top_k():
+def brute_force_recall(scores, positives, k):
+    """Percentage of queries (rows) with a positive among the first k after sorting by score,
+    ties broken against the query (negatives first); written without itm_eval's tensor logic."""
+    hits = 0
+    for row, wanted in zip(scores.tolist(), positives):
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j in wanted))
+        first_hit = min(order.index(j) for j in wanted)
+        hits += first_hit < k
+    return 100.0 * hits / len(positives)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_recall_equals_brute_force_with_several_captions_per_image(seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_images = 9
+    captions = torch.randint(1, 6, (num_images,), generator=gen).tolist()  # 1 to 5 captions each
+    img2txt, txt2img = [], []
+    for image, count in enumerate(captions):
+        img2txt.append(list(range(len(txt2img), len(txt2img) + count)))
+        txt2img += [image] * count
+    num_texts = len(txt2img)
+    # one decimal: plenty of ties, which must count against the query
+    i2t = (torch.rand(num_images, num_texts, generator=gen) * 2).round(decimals=1)
+    t2i = (torch.rand(num_texts, num_images, generator=gen) * 2).round(decimals=1)
+    result = itm_eval(i2t, t2i, txt2img, img2txt)
+    for k in RECALL_AT:
+        assert result[f"txt_r{k}"] == pytest.approx(brute_force_recall(i2t, [set(t) for t in img2txt], k))
+        assert result[f"img_r{k}"] == pytest.approx(brute_force_recall(t2i, [{i} for i in txt2img], k))
+
+
+def test_candidate_pairs_are_the_union_of_both_top_k_lists():
+    from albef.tasks.retrieval import candidate_pairs
+
+    gen = torch.Generator().manual_seed(0)
+    sims = torch.randn(5, 11, generator=gen)
+    k = 3
+    pairs, i2t, t2i = candidate_pairs(sims, k)
+    expected = set()
+    for i in range(5):
+        expected |= {(i, t) for t in sorted(range(11), key=lambda t: -sims[i, t])[:k]}
+    for t in range(11):
+        expected |= {(i, t) for i in sorted(range(5), key=lambda i: -sims[i, t])[:k]}
+    assert pairs.tolist() == sorted(i * 11 + t for i, t in expected)  # sorted by image, then text
+    assert {(i, t) for i in range(5) for t in i2t[i].tolist()} | {(i, t) for t in range(11) for i in t2i[t].tolist()} == expected
+
+
+def test_topk_matrix_scores_exactly_each_querys_top_k():
+    from albef.tasks.retrieval import candidate_pairs, topk_matrix
+
     sims = torch.tensor([[0.9, 0.1, 0.5, 0.7], [0.2, 0.8, 0.6, 0.0]])
-    calls = []
-
-    def pair_scores(rows, cols):
-        calls.append(len(rows))
-        return 10.0 * rows + cols  # distinguishable per pair
-
-    scores, with_itc = rerank(sims, k=2, pair_scores=pair_scores, batch_size=3)
+    pairs, i2t_topk, t2i_topk = candidate_pairs(sims, k=2)
+    scores = (10.0 * (pairs // 4) + pairs % 4).float()  # ITM score of pair (i, t): 10 i + t
+    itm, itm_itc = topk_matrix(sims, i2t_topk, pairs, scores, transpose=False)
     expected = torch.full((2, 4), -100.0)
     expected[0, 0], expected[0, 3] = 0.0, 3.0
     expected[1, 1], expected[1, 2] = 11.0, 12.0
-    assert torch.equal(scores, expected)
-    in_top_k = expected > -100
-    assert torch.equal(with_itc[in_top_k], (expected + sims)[in_top_k])
-    assert (with_itc[~in_top_k] == -100).all()
-    assert calls == [3, 1]  # 4 pairs in fusion batches of at most 3
+    assert torch.equal(itm, expected)
+    top = expected > -100
+    assert torch.equal(itm_itc[top], (expected + sims)[top]) and (itm_itc[~top] == -100).all()
+    # text -> image: with 2 images and k=2 every text's both images are scored
+    itm, itm_itc = topk_matrix(sims, t2i_topk, pairs, scores, transpose=True)
+    assert torch.equal(itm, torch.tensor([[10.0 * i + t for i in range(2)] for t in range(4)]))
+    assert torch.allclose(itm_itc, itm + sims.t())
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -180,22 +226,74 @@ def test_evaluate_retrieval_tiny(corpus, model):
     assert model.training is False
 
 
-def test_itm_rescoring_touches_exactly_top_k(corpus, model, monkeypatch):
-    from albef.tasks.retrieval import evaluate_retrieval
+def test_itm_rescoring_touches_exactly_the_top_k_pairs_once(corpus, model, monkeypatch):
+    from albef.tasks import retrieval
 
-    pairs = []
-    original = model.itm_logits
+    pairs, batches = set(), []
+    original = retrieval.pair_itm_logits
 
-    def counting(image_embeds, text_embeds, attention_mask):
-        pairs.append(image_embeds.shape[0])
-        return original(image_embeds, text_embeds, attention_mask)
+    def counting(model, image_embeds, image_index, text_embeds, attention_mask):
+        batches.append(len(text_embeds))
+        return original(model, image_embeds, image_index, text_embeds, attention_mask)
 
-    monkeypatch.setattr(model, "itm_logits", counting)
+    monkeypatch.setattr(retrieval, "pair_itm_logits", counting)
     k = 3
     cfg = tiny_config(corpus, f"eval.k_test={k}", "eval.batch_size=5")
-    evaluate_retrieval(model, cfg, "cpu")
-    assert sum(pairs) == k * (NUM_TEST + NUM_TEST * CAPTIONS)
-    assert max(pairs) <= 5
+    scores = retrieval.retrieval_scores(model, cfg, "cpu")
+    sims = scores.sims
+    for i in range(NUM_TEST):
+        pairs |= {(i, t) for t in sims[i].topk(k).indices.tolist()}
+    for t in range(NUM_TEST * CAPTIONS):
+        pairs |= {(i, t) for i in sims[:, t].topk(k).indices.tolist()}
+    assert sum(batches) == len(pairs) == scores.num_pairs  # a pair in both top-k lists is scored once
+    assert max(batches) == 5  # fusion batches of max(k_test, eval.batch_size) pairs
+    assert ((scores.i2t > -100).sum(dim=1) == k).all() and ((scores.t2i > -100).sum(dim=1) == k).all()
+
+
+def albef_reference(model, cfg):
+    """ALBEF's evaluation loop as written in its Retrieval.py: per query, its k candidates by ITC
+    similarity, the image tokens repeated for each, ITM logit (positive class) as the score."""
+    from albef.data.transforms import eval_transform
+    from albef.models import build_tokenizer
+    from albef.tasks.retrieval import RetrievalDataset
+
+    data = RetrievalDataset(cfg.eval.test_files, cfg.eval.image_root,
+                            eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std), cfg.data.max_words)
+    tokens = build_tokenizer(cfg)(data.texts, padding="max_length", truncation=True, max_length=cfg.eval.max_tokens,
+                                  return_tensors="pt")
+    with torch.no_grad():
+        text_embeds, text_feats = model.text_tokens(tokens.input_ids, tokens.attention_mask)
+        image_embeds, image_feats = model.image_tokens(torch.stack([data[i] for i in range(len(data))]))
+        sims = image_feats @ text_feats.t()
+        k = cfg.eval.k_test
+        i2t = torch.full_like(sims, -100.0)
+        for i in range(len(data)):
+            top = sims[i].topk(k).indices
+            logits = model.itm_logits(image_embeds[i].repeat(k, 1, 1), text_embeds[top], tokens.attention_mask[top])
+            i2t[i, top] = logits[:, 1]
+        t2i = torch.full_like(sims.t(), -100.0)
+        for t in range(len(data.texts)):
+            top = sims[:, t].topk(k).indices
+            logits = model.itm_logits(image_embeds[top], text_embeds[t].repeat(k, 1, 1),
+                                      tokens.attention_mask[t].repeat(k, 1))
+            t2i[t, top] = logits[:, 1]
+    return data, sims, i2t, t2i
+
+
+def test_scores_equal_albefs_per_query_loop(corpus, model):
+    from albef.tasks.retrieval import evaluate_retrieval, retrieval_scores
+
+    cfg = tiny_config(corpus, "eval.k_test=5")
+    data, sims, i2t, t2i = albef_reference(model, cfg)
+    scores = retrieval_scores(model, cfg, "cpu")
+    torch.testing.assert_close(scores.sims, sims, rtol=1e-5, atol=1e-6)
+    assert torch.equal(scores.i2t == -100, i2t == -100) and torch.equal(scores.t2i == -100, t2i == -100)
+    torch.testing.assert_close(scores.i2t, i2t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores.t2i, t2i, rtol=1e-5, atol=1e-5)
+    result = evaluate_retrieval(model, cfg, "cpu")
+    expected = itm_eval(i2t, t2i, data.txt2img, data.img2txt)
+    assert {key: result[key] for key in expected} == expected
+    assert result["time_encode_s"] > 0 and result["time_rerank_s"] > 0
 
 
 def test_k_test_one_keeps_the_itc_top_1(corpus, model):
@@ -251,3 +349,48 @@ def test_cli_loads_a_checkpoint_without_mlm_heads_as_albef_retrieval_ones(corpus
     assert main(args[:3] + [str(tmp_path / "broken.pth")] + args[4:]) == 2
     err = capsys.readouterr().err
     assert "itm_head.weight" in err and len(err.strip().splitlines()) == 1
+
+
+def test_save_examples_writes_marked_grids_to_png_and_tensorboard(corpus, model, tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from albef.checkpoint import save_pretrained
+    from albef.tasks.retrieval import main
+    from albef.visualize_retrieval import DPI, IMAGE_QUERY_INCHES, TEXT_QUERY_INCHES
+
+    path = save_pretrained(model, tmp_path / "model.pt")
+    run = tmp_path / "run"
+    args = ["--config", str(CONFIGS / "test_tiny.yaml"), "--evaluate", "--init-from", str(path), "--save-examples", "3",
+            "--output-dir", str(run), "loss.weights.mlm=0", f"model.text.bert={corpus / 'bert'}",
+            f"eval.test_files=[{corpus / 'test.json'}]", f"eval.image_root={corpus}"]
+    assert main(args) == 0
+    pngs = sorted((run / "examples" / "test").glob("*.png"))
+    texts = [p for p in pngs if p.name.startswith("text_to_image_")]
+    images = [p for p in pngs if p.name.startswith("image_to_text_")]
+    assert len(texts) == len(images) == 3 and len(pngs) == 6
+    for files, inches in ((texts, TEXT_QUERY_INCHES), (images, IMAGE_QUERY_INCHES)):
+        for png in files:
+            with Image.open(png) as picture:
+                assert picture.size == (int(inches[0] * DPI), int(inches[1] * DPI))
+                assert len(picture.getcolors(1 << 16) or range(1 << 16)) > 50  # drawn, not blank
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert len([tag for tag in events.Tags()["images"] if tag.startswith("test_examples/")]) == 6
+    # a negative count is one line naming the key
+    assert main(args[:6] + ["-1"] + args[7:]) == 2
+
+
+def test_example_grids_mark_the_correct_candidates():
+    import numpy as np
+    from PIL import Image
+
+    from albef.visualize_retrieval import RIGHT, WRONG, text_query_figure
+
+    red = Image.new("RGB", (32, 32), (200, 0, 0))
+    rgb = text_query_figure("a red square", [red] * 5, [True, False, False, False, False],
+                            ["itm 3.0", "itm 1.0", "itm 0.5", "itc 0.2", "itc 0.1"])
+    hex_rgb = lambda h: np.array([int(h[i:i + 2], 16) for i in (1, 3, 5)])  # noqa: E731
+    green_px = (np.abs(rgb.astype(int) - hex_rgb(RIGHT)).sum(-1) < 30).sum()
+    red_px = (np.abs(rgb.astype(int) - hex_rgb(WRONG)).sum(-1) < 30).sum()
+    assert green_px > 100 and red_px > 4 * green_px  # one frame green, four red
