@@ -33,7 +33,7 @@ from albef.data.datasets import SampleError, load_annotations, read_image
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo, gather_rows, get_rank, get_world_size
 from albef.engine.trainer import QUEUE_KEYS
-from albef.models import build_model, build_tokenizer
+from albef.models import build_tokenizer
 from albef.tasks.pretrain import PretrainTask, unwrap
 
 RECALL_AT = (1, 5, 10)
