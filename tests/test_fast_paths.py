@@ -184,20 +184,42 @@ def test_output_rows_keep_grad_carrying_cross_attention_maps(tmp_path):
 
 
 def test_compiled_blocks_match_eager(tmp_path):
-    """Regional compile (the `eager` backend here: compiling with inductor takes minutes on a
-    shared 2-core CPU) keeps the state-dict keys, the losses and the gradients."""
+    """Regional compile keeps the state-dict keys, the losses and the gradients. Compiled with
+    the `eager` backend: the same graph capture as train.compile, without inductor's code
+    generation, which takes minutes on a shared 2-core CPU."""
     model = no_dropout_model(tmp_path)
     batch = make_batch(4)
     eager = losses_and_grads(model, batch)
     keys = set(model.state_dict())
-    for module in [*model.visual_encoder.blocks, *model.visual_encoder_m.blocks,
-                   *model.text_encoder.bert.encoder.layer, *model.text_encoder_m.bert.encoder.layer]:
-        module.compile(backend="eager")
+    compile_blocks(model, backend="eager")
+    assert model.text_encoder.bert.encoder.layer[3]._compiled_call_impl is not None
+    assert model.visual_encoder_m.blocks[0]._compiled_call_impl is not None
     compiled = losses_and_grads(model, batch)
     assert set(model.state_dict()) == keys
     assert_close_dicts(eager[0], compiled[0], rtol=1e-5, atol=1e-6)
     assert_close_dicts(eager[1], compiled[1], rtol=1e-4, atol=1e-6)
-    assert compile_blocks  # the function build_model calls for train.compile (same calls, inductor)
+
+
+def test_activation_checkpointing_matches_plain_backward(tmp_path):
+    model = no_dropout_model(tmp_path)
+    batch = make_batch(4)
+    plain = losses_and_grads(model, batch)
+    model.text_encoder.set_grad_checkpointing(True)
+    model.visual_encoder.set_grad_checkpointing(True)
+    checkpointed = losses_and_grads(model, batch)
+    assert_close_dicts(plain[0], checkpointed[0], rtol=1e-5, atol=1e-6)
+    assert_close_dicts(plain[1], checkpointed[1], rtol=1e-4, atol=1e-6)
+
+
+def test_build_model_compiles_by_config(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(type(self).__name__))
+    cfg = tiny_config(tmp_path)
+    build_model(cfg)
+    assert compiled == []
+    cfg.train.compile = True
+    build_model(cfg)
+    assert compiled.count("BertLayer") == 8 and compiled.count("Block") == 2  # online + momentum
 
 
 # ----------------------------------------------------------------------------- fp32 similarities

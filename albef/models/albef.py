@@ -25,7 +25,7 @@ ITM_NEGATIVES = ("local", "global")
 
 @dataclass(frozen=True)
 class TokenIds:
-    """Special token ids of the tokenizer (MLM never masks pad/cls, nor sep unless asked)."""
+    """Special token ids of the tokenizer (MLM never masks pad or cls, nor sep with mlm_mask_sep=False)."""
 
     pad: int
     cls: int
