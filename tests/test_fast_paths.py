@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from albef.config import load_config
+from albef.data.collate import Collator
 from albef.data.synthetic import generate_corpus
 from albef.dist import DistInfo
 from albef.engine.trainer import Trainer
@@ -147,6 +149,16 @@ def test_fixed_padding_matches_dynamic_padding(tmp_path, monkeypatch):
     static = losses_and_grads(model, padded)
     assert_close_dicts(dynamic[0], static[0], rtol=1e-5, atol=1e-6)
     assert_close_dicts(dynamic[1], static[1], rtol=1e-4, atol=1e-6)
+
+
+def test_collator_pads_to_max_tokens_on_request(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_bert(tmp_path / "bert")))
+    samples = [{"image": torch.zeros(3, 4, 4), "caption": caption, "id": i, "index": i}
+               for i, caption in enumerate(["w1 w2", "w3 w4 w5"])]
+    dynamic, static = Collator(tokenizer, 12)(samples), Collator(tokenizer, 12, pad_to_max=True)(samples)
+    assert dynamic["input_ids"].shape == (2, 5) and static["input_ids"].shape == (2, 12)
+    assert torch.equal(static["input_ids"][:, :5], dynamic["input_ids"])
+    assert torch.equal(static["attention_mask"].sum(1), dynamic["attention_mask"].sum(1))
 
 
 def test_itm_logits_of_pruned_cls_rows_match_full_rows(tmp_path):
