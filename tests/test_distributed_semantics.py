@@ -167,12 +167,14 @@ def negatives_probe(workdir: Path, rank: int, world_size: int) -> dict[str, dict
         draws.append((*sample_negatives(sim, exclude), exclude))
         return draws[-1][:2]
 
-    def recording_itm_logits(image_embeds, text_embeds, attention_mask):
-        fused.append((image_embeds, text_embeds, attention_mask))
-        return ALBEF.itm_logits(model, image_embeds, text_embeds, attention_mask)
+    def recording_fuse(fusion, image_embeds):  # the ITM rows of the fusion pass (ITM is all of it here)
+        states, masks, kv_index, _, _ = fusion.concat(len(image_embeds))
+        kv_images = torch.cat([image_embeds, *fusion.extra_images])
+        fused.append((kv_images[kv_index], states, masks))
+        return ALBEF._fuse(model, fusion, image_embeds)
 
     images, input_ids, mask, ids = rank_slice(global_batch(), rank, world_size)
-    model.itm_logits = recording_itm_logits
+    model._fuse = recording_fuse
     albef_module.sample_negatives = recording_sample
     out = {}
     try:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from albef.config import load_config
+from albef.data.collate import Collator
 from albef.data.synthetic import generate_corpus
 from albef.dist import DistInfo
 from albef.engine.trainer import Trainer
@@ -149,6 +151,16 @@ def test_fixed_padding_matches_dynamic_padding(tmp_path, monkeypatch):
     assert_close_dicts(dynamic[1], static[1], rtol=1e-4, atol=1e-6)
 
 
+def test_collator_pads_to_max_tokens_on_request(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_bert(tmp_path / "bert")))
+    samples = [{"image": torch.zeros(3, 4, 4), "caption": caption, "id": i, "index": i}
+               for i, caption in enumerate(["w1 w2", "w3 w4 w5"])]
+    dynamic, static = Collator(tokenizer, 12)(samples), Collator(tokenizer, 12, pad_to_max=True)(samples)
+    assert dynamic["input_ids"].shape == (2, 5) and static["input_ids"].shape == (2, 12)
+    assert torch.equal(static["input_ids"][:, :5], dynamic["input_ids"])
+    assert torch.equal(static["attention_mask"].sum(1), dynamic["attention_mask"].sum(1))
+
+
 def test_itm_logits_of_pruned_cls_rows_match_full_rows(tmp_path):
     model = no_dropout_model(tmp_path).eval()
     images, ids, mask = make_batch(4)
@@ -184,20 +196,42 @@ def test_output_rows_keep_grad_carrying_cross_attention_maps(tmp_path):
 
 
 def test_compiled_blocks_match_eager(tmp_path):
-    """Regional compile (the `eager` backend here: compiling with inductor takes minutes on a
-    shared 2-core CPU) keeps the state-dict keys, the losses and the gradients."""
+    """Regional compile keeps the state-dict keys, the losses and the gradients. Compiled with
+    the `eager` backend: the same graph capture as train.compile, without inductor's code
+    generation, which takes minutes on a shared 2-core CPU."""
     model = no_dropout_model(tmp_path)
     batch = make_batch(4)
     eager = losses_and_grads(model, batch)
     keys = set(model.state_dict())
-    for module in [*model.visual_encoder.blocks, *model.visual_encoder_m.blocks,
-                   *model.text_encoder.bert.encoder.layer, *model.text_encoder_m.bert.encoder.layer]:
-        module.compile(backend="eager")
+    compile_blocks(model, backend="eager")
+    assert model.text_encoder.bert.encoder.layer[3]._compiled_call_impl is not None
+    assert model.visual_encoder_m.blocks[0]._compiled_call_impl is not None
     compiled = losses_and_grads(model, batch)
     assert set(model.state_dict()) == keys
     assert_close_dicts(eager[0], compiled[0], rtol=1e-5, atol=1e-6)
     assert_close_dicts(eager[1], compiled[1], rtol=1e-4, atol=1e-6)
-    assert compile_blocks  # the function build_model calls for train.compile (same calls, inductor)
+
+
+def test_activation_checkpointing_matches_plain_backward(tmp_path):
+    model = no_dropout_model(tmp_path)
+    batch = make_batch(4)
+    plain = losses_and_grads(model, batch)
+    model.text_encoder.set_grad_checkpointing(True)
+    model.visual_encoder.set_grad_checkpointing(True)
+    checkpointed = losses_and_grads(model, batch)
+    assert_close_dicts(plain[0], checkpointed[0], rtol=1e-5, atol=1e-6)
+    assert_close_dicts(plain[1], checkpointed[1], rtol=1e-4, atol=1e-6)
+
+
+def test_build_model_compiles_by_config(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(type(self).__name__))
+    cfg = tiny_config(tmp_path)
+    build_model(cfg)
+    assert compiled == []
+    cfg.train.compile = True
+    build_model(cfg)
+    assert compiled.count("BertLayer") == 8 and compiled.count("Block") == 2  # online + momentum
 
 
 # ----------------------------------------------------------------------------- fp32 similarities

@@ -67,12 +67,12 @@ def build_model(cfg: Any) -> ALBEF:
     return model
 
 
-def compile_blocks(model: ALBEF) -> None:
+def compile_blocks(model: ALBEF, **compile_kwargs: Any) -> None:
     """Regional torch.compile: every ViT block and BERT layer (online and momentum) compiled in
     place, so state-dict keys, hooks and the Python control flow around them stay as they are."""
     for encoder in (model.visual_encoder, model.visual_encoder_m):
         for block in encoder.blocks:
-            block.compile(dynamic=None)
+            block.compile(**compile_kwargs)
     for encoder in (model.text_encoder, model.text_encoder_m):
         for layer in encoder.bert.encoder.layer:
-            layer.compile(dynamic=None)
+            layer.compile(**compile_kwargs)

@@ -25,7 +25,7 @@ ITM_NEGATIVES = ("local", "global")
 
 @dataclass(frozen=True)
 class TokenIds:
-    """Special token ids of the tokenizer (MLM never masks pad/cls, nor sep unless asked)."""
+    """Special token ids of the tokenizer (MLM never masks pad or cls, nor sep with mlm_mask_sep=False)."""
 
     pad: int
     cls: int
@@ -308,8 +308,8 @@ class ALBEF(nn.Module):
         kv_images = torch.cat([image_embeds, *fusion.extra_images]) if fusion.extra_images else image_embeds
         bert = self.text_encoder.bert
         kwargs = dict(output_rows=rows if self.prune_last_layer else None)
-        if self.cache_image_kv:
-            kwargs.update(image_kv=bert.cross_attention_kv(kv_images), kv_index=kv_index)
+        if self.cache_image_kv:  # keys/values once per image and fusion layer
+            kwargs.update(image_embeds=kv_images, kv_index=kv_index)
         else:
             kwargs.update(image_embeds=kv_images[kv_index])
         hidden = bert(attention_mask=mask, mode="fusion", text_embeds=states, **kwargs)

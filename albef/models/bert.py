@@ -6,9 +6,9 @@ Modes: `text` (text layers only), `fusion` (fusion layers on given text states),
 `multimodal` (all layers from token ids).
 
 Two optional shortcuts for training steps, both exact (tests/test_fast_paths.py):
-- `image_kv` (from `BertModel.cross_attention_kv`): the cross-attention keys/values of each fusion
-  layer computed once per image and picked per text row by `kv_index`, instead of projecting a
-  copy of the image tokens for every row;
+- `kv_index`: `image_embeds` holds each image once and text row i reads image `kv_index[i]`;
+  the cross-attention keys/values of each fusion layer are computed once per image instead of
+  once per text row (or come precomputed as `image_kv`, from `BertModel.cross_attention_kv`);
 - `output_rows` (batch index [R], position [R]): the last layer computes only these query rows
   (the rows a head reads, e.g. [CLS] for ITM, masked positions for MLM) and returns [R, H].
 
@@ -205,8 +205,9 @@ class BertLayer(nn.Module):
         """[B, L, H] -> [B, L, H]; with `rows` = (batch index [R], position [R]) only those query
         rows are computed (keys and values still come from every position) -> [R, H].
 
-        `image_kv` is this layer's `cross_attention_kv` of the images; text row i reads image
-        `kv_index[i]` (row i when None)."""
+        With `kv_index`, `image_embeds` (or `image_kv`, this layer's `cross_attention_kv`) holds
+        each image once and text row i reads image `kv_index[i]`: the keys and values are
+        computed once per image, here inside the layer (so that FSDP has gathered its weights)."""
         self_kv = None
         if rows is not None:
             batch, position = rows
@@ -214,14 +215,14 @@ class BertLayer(nn.Module):
             hidden = _take(hidden.flatten(0, 1), batch * hidden.shape[1] + position)[:, None]
             mask, image_mask = _take(mask, batch), _take(image_mask, batch)
             kv_index = batch if kv_index is None else kv_index[batch]
-            if image_kv is None:
-                image_embeds = _take(image_embeds, batch)
         hidden, _ = self.attention(hidden, mask, kv=self_kv)
         probs = None
         if self.crossattention is not None:
             if image_embeds is None and image_kv is None:
                 raise ValueError("fusion layers need image_embeds")
-            if image_kv is not None:
+            if kv_index is not None or image_kv is not None:
+                if image_kv is None:
+                    image_kv = self.crossattention.self.kv_heads(image_embeds)
                 image_kv = tuple(_take(t, kv_index) for t in image_kv)
             hidden, probs = self.crossattention(hidden, image_mask, image_embeds, need_weights, image_kv)
         hidden = self.output(self.intermediate(hidden), hidden)
@@ -303,8 +304,8 @@ class BertModel(nn.Module):
 
         `text`: `input_ids` through the text layers. `fusion`: `text_embeds` (text-mode output)
         through the fusion layers with the image. `multimodal`: `input_ids` through all layers.
-        `image_kv` (`cross_attention_kv` of the images) replaces `image_embeds`; text row i then
-        reads image `kv_index[i]`. `output_rows` (batch index [R], position [R]): the last layer
+        With `kv_index`, text row i reads image `kv_index[i]` of `image_embeds` (keys/values
+        computed once per image), or of `image_kv` (`cross_attention_kv`, replacing `image_embeds`). `output_rows` (batch index [R], position [R]): the last layer
         computes only these rows and the result is [R, H] (attention maps [R, heads, 1, N]).
         """
         fusion = self.config.fusion_layer
