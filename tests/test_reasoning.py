@@ -318,6 +318,9 @@ def test_nlvr_from_pretrain_equals_nlvr_from_a_zero_step_ta_checkpoint(bert_l12,
     NLVRTask().init_weights(via_ta, read_model_state(ta_file), str(ta_file))
     report = NLVRTask().init_weights(direct, read_model_state(pretrain), str(pretrain))
     assert not report.missing and _only_position_ids(report.unexpected)
+    notes = " ".join(report.notes)
+    assert "6->6,7, 7->8,9, 8->10,11, 9->12,13, 10->14,15, 11->16,17" in notes
+    assert "text_encoder_m.* <- text_encoder.*" in notes
     a, b = via_ta.state_dict(), direct.state_dict()
     assert a.keys() == b.keys()
     for key in a:
