@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["albef", "albef.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # nn.utils.get_total_norm, public fully_shard
         "torchvision",
         "timm>=1.0",
         "transformers>=4.40",
