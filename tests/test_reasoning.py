@@ -492,5 +492,7 @@ def test_bad_annotation_is_one_line_exit_2(tmp_path, corpus, sets, capsys):
     assert ve.main(["--config", str(TINY_YAML), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.json: entry 0: 'label' must be one of" in err[0]
+    assert nlvr.main(["--config", str(TINY_YAML), "train.strategy=fsdp", *_tiny_overrides(tmp_path, sets, "nlvr", corpus)]) == 2
+    assert "share their cross-attention key/value" in capsys.readouterr().err
     assert nlvr_pretrain.main(["--config", str(TINY_YAML), "train.batch_size=2",
                                f"data.train_files=[{corpus['train']}]", f"model.text.bert={corpus['bert']}"]) == 2

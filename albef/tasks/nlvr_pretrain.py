@@ -36,7 +36,7 @@ from albef.models.classify import (TextAssignment, build_text_assignment, double
                                    num_layers)
 from albef.tasks.pretrain import PretrainTask
 from albef.tasks.retrieval import _autocast
-from albef.tasks.ve import PRETRAIN_ONLY
+from albef.tasks.ve import FSDP_SHARED_KV, PRETRAIN_ONLY
 
 # Everything of a pretraining checkpoint TA does not use (ALBEF: unexpected keys).
 TA_UNUSED = tuple(k for k in PRETRAIN_ONLY if k not in ("vision_proj", "text_proj", "temp")) + (
@@ -50,6 +50,8 @@ class TextAssignmentTask(PretrainTask):
     best_metric = None  # ALBEF keeps every epoch's checkpoint and uses the last
 
     def check(self, cfg: Config, training: bool = True) -> None:
+        if cfg.train.strategy == "fsdp":
+            raise ConfigError(FSDP_SHARED_KV)
         if training and cfg.train.batch_size < 3:
             raise ConfigError(f"train.batch_size: text assignment draws two other images of the batch per "
                               f"caption, so it needs at least 3 (got {cfg.train.batch_size})")
