@@ -14,6 +14,7 @@ setup(
         "safetensors",
         "webdataset",
         "tensorboard",
+        "matplotlib",
         "pillow",
         "PyYAML",
         "numpy",
@@ -26,6 +27,8 @@ setup(
             "albef-ve=albef.tasks.ve:main",
             "albef-nlvr=albef.tasks.nlvr:main",
             "albef-nlvr-pretrain=albef.tasks.nlvr_pretrain:main",
+            "albef-vqa=albef.tasks.vqa:main",
+            "albef-grounding=albef.tasks.grounding:main",
         ]
     },
 )

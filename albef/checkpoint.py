@@ -464,7 +464,9 @@ def load_dcp_state(state: dict[str, Any], path: str | os.PathLike) -> None:
     """
     check_dcp_directory(path)
     try:
-        dcp.load(state, storage_reader=_SafeDCPReader(path), planner=_WeightsOnlyLoadPlanner())
+        with warnings.catch_warnings():  # "...assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=_SafeDCPReader(path), planner=_WeightsOnlyLoadPlanner())
     except CheckpointException as err:
         failures = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
         first = next((f for f in failures if isinstance(f, Exception)), None)

@@ -149,6 +149,29 @@ class EvalConfig:
 
 
 @dataclass
+class VQAConfig:
+    """VQA fine-tuning (albef-vqa): answer list, ranking and answer weights (ALBEF VQA.yaml/VQA.py)."""
+    answer_list: str = "data/answer_list.json"  # JSON list of candidate answers ranked at evaluation
+    k_test: int = 128                  # answers kept by first-token probability, then re-ranked
+    count_first_token_twice: bool = True  # ALBEF's rank_answer; false: plain sequence likelihood
+    eos: str = "[SEP]"                 # appended to every answer
+    vg_weight: float = 0.5             # weight of a Visual Genome ("dataset": "vg") answer
+    vg_root: str = ""                  # image root of "vg" entries (empty: data.image_root)
+    eval_max_words: int = 50           # question words kept at evaluation (training: data.max_words)
+
+
+@dataclass
+class GroundingConfig:
+    """Weakly supervised grounding (albef-grounding): Grad-CAM layer and box files."""
+    block_num: int = 8  # BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM reads
+    det_file: str = "data/refcoco+/dets.json"  # {image_id: [[x, y, w, h, ...], ...]} candidate boxes
+    coco_file: str | None = None  # optional second box file (ALBEF's cocos.json): adds {split}_gt accuracies
+    refs_file: str | None = None  # {ref_id: {image_id, bbox, split}} for eval entries that lack them
+    box_alpha: float = 0.5  # box score = map[box].sum() / area ** box_alpha
+    visualize_count: int = 16  # references drawn by --visualize
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/pretrain"
     seed: int = 42
@@ -158,6 +181,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    vqa: VQAConfig = field(default_factory=VQAConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML / checkpoint friendly)."""
@@ -292,6 +317,8 @@ _RANGES = {
     "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
     "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_tokens": "[3, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
+    "vqa.k_test": "[1, inf)", "vqa.vg_weight": "[0, inf)", "vqa.eval_max_words": "[1, inf)",
+    "grounding.block_num": "[0, inf)", "grounding.box_alpha": "[0, inf)", "grounding.visualize_count": "[1, inf)",
 }
 
 

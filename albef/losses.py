@@ -97,3 +97,22 @@ def classification_distill_loss(
         return hard
     soft = soft_cross_entropy(logits, F.softmax(logits_m.float(), dim=-1)).mean()
     return (1 - alpha) * hard + alpha * soft
+
+
+def answer_sequence_loss(
+    logits: Tensor, targets: Tensor, soft_targets: Tensor | None = None, alpha: float | Tensor = 0.0
+) -> Tensor:
+    """Per-sequence language-model loss [N] of ALBEF's answer decoder (summed over tokens).
+
+    `logits` [N, L, V] predict `targets` [N, L] (-100 where there is no token). With
+    `soft_targets` [N, L, V] (the momentum decoder's distributions) the loss is
+    (1 - alpha) * cross-entropy + alpha * soft cross-entropy, both over the target tokens.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    valid = targets != -100
+    nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    loss = (nll * valid).sum(dim=1)
+    if soft_targets is not None:
+        distill = -(soft_targets * log_probs).sum(dim=-1)
+        loss = (1 - alpha) * loss + alpha * (distill * valid).sum(dim=1)
+    return loss

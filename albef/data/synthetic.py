@@ -371,6 +371,62 @@ def generate_reasoning_sets(
             paths[f"{task}_{split}"] = os.path.join(out_dir, f"{task}_{split}.json")
             with open(paths[f"{task}_{split}"], "w", encoding="utf-8") as fp:
                 json.dump(entries, fp, indent=0)
+
+
+# ----------------------------------------------------------------------------- VQA set (albef-vqa demo)
+
+VQA_COUNTS = ("0", "1", "2")
+
+
+def vqa_questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[str, str]]:
+    """Two (question, answer) pairs about a scene: the colour of a shape drawn once, and how many
+    of some shape there are (drawn or not, half the time each)."""
+    counts = {s: sum(item.shape == s for item in shapes) for s in SHAPES}
+    unique = [item for item in shapes if counts[item.shape] == 1]
+    pairs = []
+    if unique:
+        item = rng.choice(unique)
+        pairs.append((f"what colour is the {item.shape}?", item.color))
+    drawn = sorted({item.shape for item in shapes})
+    asked = rng.choice(drawn if rng.random() < 0.5 else [s for s in SHAPES if not counts[s]])
+    pairs.append((f"how many {asked}s are there?", str(counts[asked])))
+    return pairs
+
+
+def _human_answers(rng: random.Random, answer: str, num: int = 10, agreement: float = 0.9) -> list[str]:
+    """`num` annotators: each gives `answer`, or with probability 1 - agreement another answer of its kind."""
+    kind = VQA_COUNTS if answer in VQA_COUNTS else tuple(COLORS)
+    return [answer if rng.random() < agreement else rng.choice([a for a in kind if a != answer]) for _ in range(num)]
+
+
+def generate_vqa_set(out_dir: str, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
+                     seed: int = 1) -> dict[str, str]:
+    """Write a VQA set of new scenes under `out_dir`, next to the caption corpus and sharing its
+    vocabulary in bert/ (written if absent): images/vqa_{split}_NNNNNN.jpg, vqa_train.json,
+    vqa_val.json and vqa_test.json (`num_test` scenes each; albef-vqa format, 10 noisy human
+    answers per question), vqa_answer_list.json (8 colours, counts 0-2). CLI: ``python -m albef.data.synthetic --out demo_data --vqa``."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    paths = {"image_root": out_dir}
+    for split, count, first_id in (("train", num_train, 0), ("val", num_test, 10_000_000),
+                                   ("test", num_test, 20_000_000)):
+        entries = []
+        for i in range(count):
+            background, shapes, _ = random_scene(rng, 1)
+            path = f"images/vqa_{split}_{i:06d}.jpg"
+            render(background, shapes, image_size).save(os.path.join(out_dir, path), quality=95)
+            for j, (question, answer) in enumerate(vqa_questions(rng, shapes)):
+                entries.append({"question_id": first_id + 10 * i + j, "question": question, "image": path,
+                                "answer": _human_answers(rng, answer), "dataset": "vqa"})
+        paths[split] = os.path.join(out_dir, f"vqa_{split}.json")
+        with open(paths[split], "w", encoding="utf-8") as fp:
+            json.dump(entries, fp, indent=0)
+    paths["answer_list"] = os.path.join(out_dir, "vqa_answer_list.json")
+    with open(paths["answer_list"], "w", encoding="utf-8") as fp:
+        json.dump([*COLORS, *VQA_COUNTS], fp)
+    paths["bert"] = os.path.join(out_dir, "bert")
+    if not os.path.isfile(os.path.join(paths["bert"], "vocab.txt")):
+        write_bert_dir(paths["bert"])
     return paths
 
 
@@ -385,10 +441,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reasoning", action="store_true",
                         help="write the VE / NLVR2 sets (num-train, num-test each, val = test size) instead")
+    parser.add_argument("--vqa", action="store_true",
+                        help="write the VQA set of --num-train/--num-test new scenes instead (generate_vqa_set)")
     args = parser.parse_args(argv)
     if args.reasoning:
         paths = generate_reasoning_sets(
             args.out, args.num_train, args.num_test, args.num_test, args.image_size, args.seed)
+    elif args.vqa:
+        paths = generate_vqa_set(args.out, args.num_train, args.num_test, args.image_size, args.seed + 1)
     else:
         paths = generate_corpus(
             args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image,
@@ -398,3 +458,97 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- grounding set
+
+GROUNDING_TEMPLATES = (
+    "the {color} {shape}",
+    "a {color} {shape}",
+    "the {size} {color} {shape}",
+    "the {shape} colored {color}",
+)
+GROUNDING_CORNERS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))  # never overlap at any size
+
+
+def shape_box(item: Shape, side: int) -> list[int]:
+    """Pixel box [x, y, w, h] of the drawn shape (its non-background pixels)."""
+    mask = Image.new("RGB", (side, side), (0, 0, 0))
+    draw_shape(ImageDraw.Draw(mask), item, side)
+    x0, y0, x1, y1 = mask.getbbox()
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def grounding_scene(rng: random.Random, num_shapes: int) -> tuple[str, list[Shape]]:
+    """A background and `num_shapes` shapes in distinct corners, no two sharing a colour or a
+    shape, so "the <colour> <shape>" names exactly one of them."""
+    corners = rng.sample(GROUNDING_CORNERS, num_shapes)
+    shapes = rng.sample(SHAPES, num_shapes)
+    colors = rng.sample(list(COLORS), num_shapes)
+    items = [Shape(s, c, rng.choice(list(SIZES)), corner) for s, c, corner in zip(shapes, colors, corners)]
+    return rng.choice(list(BACKGROUNDS)), items
+
+
+def _write_grounding_split(out_dir, split, count, side, rng, shapes_per_image, refs, dets, ref_id):
+    """Scenes of one split: one reference per shape; boxes of every shape go to `dets`."""
+    for i in range(count):
+        background, items = grounding_scene(rng, shapes_per_image)
+        path = f"images/{split}_{i:06d}.jpg"
+        render(background, items, side).save(os.path.join(out_dir, path), quality=95)
+        image_id = f"{split}_{i:06d}"
+        boxes = [shape_box(item, side) for item in items]
+        dets[image_id] = boxes
+        for item, box in zip(items, boxes):
+            text = _articles(rng.choice(GROUNDING_TEMPLATES).format(color=item.color, shape=item.shape, size=item.size))
+            refs.append({"image": path, "text": text, "ref_id": ref_id, "image_id": image_id, "bbox": box,
+                         "split": split})
+            ref_id += 1
+    return ref_id
+
+
+def generate_grounding_set(
+    out_dir: str,
+    num_train: int = 1000,
+    num_val: int = 100,
+    num_test: int = 100,
+    image_size: int = 64,
+    seed: int = 0,
+) -> dict[str, str]:
+    """A tiny RefCOCO+-style grounding set of demo scenes, in ALBEF's grounding layout::
+
+        out_dir/images/{train,val,testA,testB}_NNNNNN.jpg
+        out_dir/train.json   [{image, text, ref_id}]   one expression per shape ("the red circle")
+        out_dir/val.json     [{image, text, ref_id, image_id, bbox, split}]   split val
+        out_dir/test.json    the same for splits testA (2 shapes per scene) and testB (3 shapes)
+        out_dir/dets.json    {image_id: [[x, y, w, h], ...]}: the box of every shape in the image
+        out_dir/bert/        the demo vocabulary (the same as the demo corpus's)
+
+    Train and val scenes have 2 or 3 shapes; a random box pick is right 1/2 or 1/3 of the time.
+    Returns the paths to put in the config.
+    """
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    dets: dict[str, list[list[int]]] = {}
+    files, ref_id = {}, 0
+    for name, parts in (
+        ("train", [("train", num_train // 2, 2), ("train", num_train - num_train // 2, 3)]),
+        ("val", [("val", num_val // 2, 2), ("val", num_val - num_val // 2, 3)]),
+        ("test", [("testA", num_test // 2, 2), ("testB", num_test - num_test // 2, 3)]),
+    ):
+        refs: list[dict] = []
+        for n, (split, count, shapes_per_image) in enumerate(parts):
+            tag = f"{split}{n}" if split in ("train", "val") else split  # image names of the two halves differ
+            start = len(refs)
+            ref_id = _write_grounding_split(out_dir, tag, count, image_size, rng, shapes_per_image, refs, dets, ref_id)
+            for ref in refs[start:]:
+                ref["split"] = split
+        if name == "train":
+            refs = [{"image": r["image"], "text": r["text"], "ref_id": r["ref_id"]} for r in refs]
+        files[name] = os.path.join(out_dir, f"{name}.json")
+        with open(files[name], "w", encoding="utf-8") as fp:
+            json.dump(refs, fp, indent=0)
+    with open(os.path.join(out_dir, "dets.json"), "w", encoding="utf-8") as fp:
+        json.dump(dets, fp)
+    write_bert_dir(os.path.join(out_dir, "bert"))
+    return {"image_root": out_dir, **files, "dets": os.path.join(out_dir, "dets.json"),
+            "bert": os.path.join(out_dir, "bert")}

@@ -3,8 +3,7 @@
 Layers below `fusion_layer` are a plain bidirectional BERT text encoder; layers from
 `fusion_layer` on add cross-attention to image tokens (key/value width `encoder_width`).
 Modes: `text` (text layers only), `fusion` (fusion layers on given text states),
-`multimodal` (all layers from token ids). `image_embeds` may also be a list of images (NLVR2):
-fusion layer `i` then attends to image `(i - fusion_layer) % len(list)`, as ALBEF's xbert.
+`multimodal` (all layers from token ids).
 
 Two optional shortcuts for training steps, both exact (tests/test_fast_paths.py):
 - `image_kv` (from `BertModel.cross_attention_kv`): the cross-attention keys/values of each fusion
@@ -12,6 +11,9 @@ Two optional shortcuts for training steps, both exact (tests/test_fast_paths.py)
   copy of the image tokens for every row;
 - `output_rows` (batch index [R], position [R]): the last layer computes only these query rows
   (the rows a head reads, e.g. [CLS] for ITM, masked positions for MLM) and returns [R, H].
+
+`image_embeds` may also be a list of images (NLVR2): fusion layer `i` then attends to image
+`(i - fusion_layer) % len(list)`, as ALBEF's xbert.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def _key_mask(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask.bool()[:, None, None, :]
 
 
+def _take(x: Tensor | None, index: Tensor | None) -> Tensor | None:
+    """Rows `index` of `x` (x itself when either is None); index_select, whose backward is an
+    index_add (faster than the index_put of `x[index]` on CPU)."""
+    return x if x is None or index is None else x.index_select(0, index)
+
+
 def _image_key_masks(mask: Tensor | list[Tensor] | None) -> Tensor | list[Tensor] | None:
     """`_key_mask` of an image mask, or of each mask of a list of images."""
     return [_key_mask(m) for m in mask] if isinstance(mask, (list, tuple)) else _key_mask(mask)
@@ -60,17 +68,18 @@ def _layer_image(image_embeds, image_mask, index: int, fusion_layer: int):
     return image_embeds[k], None if image_mask is None else image_mask[k]
 
 
-def _take(x: Tensor | None, index: Tensor | None) -> Tensor | None:
-    """Rows `index` of `x` (x itself when either is None); index_select, whose backward is an
-    index_add (faster than the index_put of `x[index]` on CPU)."""
-    return x if x is None or index is None else x.index_select(0, index)
-
-
 def cast_for_autocast(x: Tensor | None) -> Tensor | None:
     """`x` in the autocast dtype when autocast is on, so that each projection does not cast it again."""
     if x is None or not torch.is_autocast_enabled(x.device.type) or not x.is_floating_point():
         return x
     return x.to(torch.get_autocast_dtype(x.device.type))
+
+
+def _cast_images(image_embeds: Tensor | list[Tensor] | None) -> Tensor | list[Tensor] | None:
+    """`cast_for_autocast` of the image tokens, or of each image of a list."""
+    if isinstance(image_embeds, (list, tuple)):
+        return [cast_for_autocast(x) for x in image_embeds]
+    return cast_for_autocast(image_embeds)
 
 
 class BertEmbeddings(nn.Module):
@@ -249,8 +258,8 @@ class BertEncoder(nn.Module):
             layer = self.layer[i]
             kv = None if image_kv is None or layer.crossattention is None else image_kv[i - self.fusion_layer]
             rows = output_rows if n == len(run) - 1 else None
-            image, image_key_mask = _layer_image(image_embeds, image_mask, i, self.fusion_layer)
-            args = (hidden, mask, image, image_key_mask, output_attentions, kv, kv_index, rows)
+            images = _layer_image(image_embeds, image_mask, i, self.fusion_layer)
+            args = (hidden, mask, *images, output_attentions, kv, kv_index, rows)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, probs = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -308,9 +317,7 @@ class BertModel(nn.Module):
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         hidden, attentions = self.encoder(
-            hidden, _key_mask(attention_mask), layers,
-            [cast_for_autocast(x) for x in image_embeds] if isinstance(image_embeds, (list, tuple))
-            else cast_for_autocast(image_embeds), _image_key_masks(image_mask),
+            hidden, _key_mask(attention_mask), layers, _cast_images(image_embeds), _image_key_masks(image_mask),
             output_attentions, image_kv, kv_index, output_rows,
         )
         return (hidden, attentions) if output_attentions else hidden

@@ -49,15 +49,19 @@ class PretrainTask:
         set_epoch(self.loader, epoch, consumed)
         return self.loader, self._batches_per_epoch(cfg, dist)
 
-    def _make_loader(self, cfg: Config, dist: DistInfo) -> DataLoader:
+    def build_train_dataset(self, cfg: Config):
+        """The training samples (a task with another annotation format overrides this)."""
         d = cfg.data
         transform = train_transform(
             cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip
         )
         if d.format == "wds":
-            dataset = webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples, d.caption_list)
-        else:
-            dataset = CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed, d.caption_list)
+            return webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples, d.caption_list)
+        return CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed, d.caption_list)
+
+    def _make_loader(self, cfg: Config, dist: DistInfo) -> DataLoader:
+        d = cfg.data
+        dataset = self.build_train_dataset(cfg)
         tokenizer = build_tokenizer(cfg)
         return build_train_loader(
             dataset, Collator(tokenizer, d.max_tokens, d.pad_to_max_tokens), batch_size=cfg.train.batch_size,

@@ -1,0 +1,179 @@
+"""VQA fine-tuning and evaluation (ALBEF's VQA.py) on the shared engine.
+
+    albef-vqa --config configs/vqa.yaml --init-from ALBEF_4M.pth           # fine-tune, then test
+    albef-vqa --config configs/vqa.yaml --init-from ALBEF_VQA.pth --evaluate
+
+Training: each question's distinct answers are scored by the answer decoder, weighted by
+`count / #answers` (VQA) or `vqa.vg_weight` (VG). Evaluation: every question ranks the answer
+list (`vqa.answer_list`, ALBEF's `rank_answer` with `vqa.k_test`); the predictions go to
+`OUTPUT_DIR/vqa_result_{split}.json` in the official submission format
+`[{"question_id": ..., "answer": ...}]`, and when the annotations carry human answers the VQA
+accuracy (min(#humans / 3, 1)) is returned with the majority-answer baseline of the training files.
+
+`--init-from` a pretraining checkpoint applies ALBEF's rule (answer decoder from the fusion
+layers, `init_from_pretrain_state`); a VQA checkpoint (one with `text_decoder.*` keys) loads as it is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from albef.checkpoint import LoadReport, load_weights
+from albef.cli import run_task
+from albef.config import Config
+from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, set_epoch
+from albef.data.transforms import eval_transform, train_transform
+from albef.data.vqa import (VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions,
+                            vqa_accuracy)
+from albef.dist import DistInfo
+from albef.models import build_tokenizer
+from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
+
+
+def majority_answer(files: Sequence[str]) -> str | None:
+    """The most frequent answer of the training questions (each question's most common human answer)."""
+    counts = Counter(Counter(e["answer"]).most_common(1)[0][0] for e in load_questions(files, need_answers=True))
+    return counts.most_common(1)[0][0] if counts else None
+
+
+class VQATask:
+    name = "vqa"
+    best_metric = "acc"
+
+    def __init__(self) -> None:
+        self.loader: DataLoader | None = None
+        self._majority: dict[tuple[str, ...], str | None] = {}
+
+    def check(self, cfg: Config, training: bool = True) -> None:
+        """Before anything is built: every question file and the answer list are well-formed
+        (an AnnotationError is one line naming the file and entry)."""
+        if training:
+            load_questions(cfg.data.train_files, need_answers=True)
+        for files in (cfg.eval.val_files, cfg.eval.test_files):
+            if files:
+                load_questions(files, need_answers=False)
+        if cfg.eval.val_files or cfg.eval.test_files:
+            load_answer_list(cfg.vqa.answer_list)
+
+    # ----------------------------------------------------------------------------- training
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        return build_vqa_model(cfg)
+
+    def build_train_loader(self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
+                           ) -> tuple[Iterable[dict[str, Any]], int]:
+        if self.loader is None:
+            d = cfg.data
+            transform = train_transform(cfg.model.vision.image_size, d.mean, d.std, d.crop_scale,
+                                        d.randaugment, d.hflip)
+            dataset = VQATrainDataset(d.train_files, d.image_root, cfg.vqa.vg_root or d.image_root, transform,
+                                      d.max_words, cfg.vqa.eos, cfg.vqa.vg_weight, cfg.seed)
+            self.loader = build_train_loader(
+                dataset, VQACollator(build_tokenizer(cfg), d.max_tokens), batch_size=cfg.train.batch_size,
+                num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
+        set_epoch(self.loader, epoch, consumed)
+        return self.loader, len(self.loader.dataset) // dist.world_size // cfg.train.batch_size
+
+    def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
+        return model(batch["images"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
+                     batch["answer_mask"], batch["answer_weights"], batch["answers_per_question"], alpha=alpha)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
+        model.momentum_update()
+
+    def find_unused_parameters(self, cfg: Config) -> bool:
+        return False
+
+    def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+        """A VQA checkpoint loads as it is; a pretraining one through ALBEF's decoder rule."""
+        if is_vqa_state(state):
+            return load_weights(model, state, source)
+        mapped = init_from_pretrain_state(state, model.text_encoder.config.fusion_layer)
+        unused = list(UNUSED_FROM_PRETRAIN)
+        if not model.distill:
+            unused += ["visual_encoder_m", "text_encoder_m", "text_decoder_m"]
+        return load_weights(model, mapped, source, unused=unused)
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model: VQAModel, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
+        files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
+        if not files:
+            return {}
+        results = answer_questions(getattr(model, "module", model), cfg, files, dist)
+        metrics: dict[str, float] = {"num_questions": float(len(results))}
+        if dist.rank == 0:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, f"vqa_result_{split}.json"), "w", encoding="utf-8") as fp:
+                json.dump(results, fp)
+        annotations = load_questions(files, need_answers=False)
+        acc = vqa_accuracy(results, annotations)
+        if acc is not None:
+            metrics["acc"] = acc
+            key = tuple(cfg.data.train_files)
+            if key not in self._majority:  # --evaluate may run without the training files
+                have_files = key and all(os.path.isfile(f) for f in key)
+                self._majority[key] = majority_answer(key) if have_files else None
+            majority = self._majority[key]
+            if majority is not None:
+                baseline = [{"question_id": r["question_id"], "answer": majority} for r in results]
+                metrics["majority_acc"] = vqa_accuracy(baseline, annotations)
+        return metrics
+
+
+def _rank_slice(num: int, dist: DistInfo) -> range:
+    step = math.ceil(num / dist.world_size)
+    return range(min(num, dist.rank * step), min(num, (dist.rank + 1) * step))
+
+
+@torch.no_grad()
+def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: DistInfo) -> list[dict]:
+    """`[{"question_id", "answer"}]` for every question of `files`, in file order (all ranks
+    answer a contiguous share; every rank gets the whole list)."""
+    device = next(model.parameters()).device
+    tokenizer = build_tokenizer(cfg)
+    answer_list = load_answer_list(cfg.vqa.answer_list)
+    answers = tokenizer([a + cfg.vqa.eos for a in answer_list], padding="longest", return_tensors="pt").to(device)
+    dataset = VQAEvalDataset(files, cfg.eval.image_root, cfg.vqa.vg_root or cfg.eval.image_root,
+                             eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std),
+                             cfg.vqa.eval_max_words)
+    share = Subset(dataset, _rank_slice(len(dataset), dist))
+    max_tokens = model.text_encoder.config.max_position_embeddings
+    loader = build_eval_loader(share, VQACollator(tokenizer, max_tokens), batch_size=cfg.eval.batch_size,
+                               num_workers=cfg.eval.num_workers)
+    results = []
+    for batch in loader:
+        if batch["skipped"]:
+            raise AnnotationError(f"{', '.join(files)}: evaluation images could not be read "
+                                  f"({batch['skipped']}); check eval.image_root and the 'image' paths")
+        images = batch["images"].to(device)
+        question_ids, question_mask = batch["question_ids"].to(device), batch["question_mask"].to(device)
+        states = model.encode_question(images, question_ids, question_mask)
+        ranked, _ = model.rank_answers(states, question_mask, answers["input_ids"], answers["attention_mask"],
+                                       cfg.vqa.k_test, cfg.vqa.count_first_token_twice)
+        results += [{"question_id": qid, "answer": answer_list[int(i)]}
+                    for qid, i in zip(batch["question_id"], ranked[:, 0].tolist())]
+    if dist.world_size > 1 and torch_dist.is_initialized():
+        parts: list[Any] = [None] * dist.world_size
+        torch_dist.all_gather_object(parts, results)
+        results = [r for part in parts for r in part]
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_task(VQATask, argv, prog="albef-vqa", description="ALBEF VQA fine-tuning and evaluation")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
