@@ -318,6 +318,9 @@ def test_nlvr_from_pretrain_equals_nlvr_from_a_zero_step_ta_checkpoint(bert_l12,
     NLVRTask().init_weights(via_ta, read_model_state(ta_file), str(ta_file))
     report = NLVRTask().init_weights(direct, read_model_state(pretrain), str(pretrain))
     assert not report.missing and _only_position_ids(report.unexpected)
+    notes = " ".join(report.notes)
+    assert "6->6,7, 7->8,9, 8->10,11, 9->12,13, 10->14,15, 11->16,17" in notes
+    assert "text_encoder_m.* <- text_encoder.*" in notes
     a, b = via_ta.state_dict(), direct.state_dict()
     assert a.keys() == b.keys()
     for key in a:
@@ -489,5 +492,7 @@ def test_bad_annotation_is_one_line_exit_2(tmp_path, corpus, sets, capsys):
     assert ve.main(["--config", str(TINY_YAML), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.json: entry 0: 'label' must be one of" in err[0]
+    assert nlvr.main(["--config", str(TINY_YAML), "train.strategy=fsdp", *_tiny_overrides(tmp_path, sets, "nlvr", corpus)]) == 2
+    assert "share their cross-attention key/value" in capsys.readouterr().err
     assert nlvr_pretrain.main(["--config", str(TINY_YAML), "train.batch_size=2",
                                f"data.train_files=[{corpus['train']}]", f"model.text.bert={corpus['bert']}"]) == 2

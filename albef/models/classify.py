@@ -281,6 +281,16 @@ def double_fusion_layers(state: dict[str, Tensor], fusion_layer: int) -> dict[st
     return out
 
 
+def doubling_note(fusion_layer: int, source_layers: int) -> str:
+    """The load-report line naming where `double_fusion_layers` put every fusion layer."""
+    pairs = ", ".join(f"{n}->{2 * (n - fusion_layer) + fusion_layer},{2 * (n - fusion_layer) + fusion_layer + 1}"
+                      for n in range(fusion_layer, source_layers))
+    return (f"fusion layers doubled (ALBEF Pretrain_nlvr.py): text_encoder.bert.encoder.layer.N.* -> layers "
+            f"{pairs}; layers 0-{fusion_layer - 1} as they are")
+
+
+MOMENTUM_NOTE = ("momentum encoders start from the loaded student: visual_encoder_m.* <- visual_encoder.*, "
+                 "text_encoder_m.* <- text_encoder.*, cls_head_m.* <- cls_head.*")
 MOMENTUM_SOURCES = ("visual_encoder.", "text_encoder.", "cls_head.")
 
 

@@ -24,7 +24,8 @@ import torch
 
 from albef.checkpoint import CheckpointError, LoadReport, load_weights
 from albef.cli import run_task
-from albef.models.classify import Classifier, double_fusion_layers, num_layers, with_momentum_copies
+from albef.models.classify import (MOMENTUM_NOTE, Classifier, double_fusion_layers, doubling_note, num_layers,
+                                   with_momentum_copies)
 from albef.tasks.ve import MOMENTUM, PRETRAIN_ONLY, VETask
 
 # TA-only keys (ALBEF NLVR.py leaves them unexpected).
@@ -32,24 +33,27 @@ TA_ONLY = ("ta_head",)
 
 
 def map_to_nlvr(state: dict[str, torch.Tensor], model_layers: int, fusion_layer: int, distill: bool,
-                source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """A pretraining, TA or NLVR2 state dict (our key names) mapped onto the NLVR2 layout.
+                source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A pretraining, TA or NLVR2 state dict (our key names) mapped onto the NLVR2 layout, and
+    report notes naming the mapping.
 
     One fusion stack (pretraining): `double_fusion_layers`. Momentum encoders: kept when the file
     has NLVR2-layout ones, else copies of the (mapped) student when `distill`.
     """
     found = num_layers(state)
     single = fusion_layer + (model_layers - fusion_layer) // 2
+    notes = []
     if found == single:
-        state = with_momentum_copies(double_fusion_layers(state, fusion_layer)) if distill else \
-            double_fusion_layers(state, fusion_layer)
+        state = double_fusion_layers(state, fusion_layer)
+        notes.append(doubling_note(fusion_layer, single))
     elif found != model_layers:
         raise CheckpointError(
             f"{source}: its text encoder has {found} layers; NLVR2 needs {single} (a pretraining checkpoint) or "
             f"{model_layers} (a TA / NLVR2 checkpoint) with model.text.fusion_layer={fusion_layer}")
-    elif distill and not any(k.startswith("text_encoder_m.") for k in state):
+    if distill and (notes or not any(k.startswith("text_encoder_m.") for k in state)):
         state = with_momentum_copies(state)
-    return state
+        notes.append(MOMENTUM_NOTE)
+    return state, notes
 
 
 class NLVRTask(VETask):
@@ -63,9 +67,11 @@ class NLVRTask(VETask):
 
     def init_weights(self, model: Classifier, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         config = model.text_encoder.config
-        state = map_to_nlvr(state, config.num_hidden_layers, config.fusion_layer, model.distill, source)
+        state, notes = map_to_nlvr(state, config.num_hidden_layers, config.fusion_layer, model.distill, source)
         unused = list(PRETRAIN_ONLY) + list(TA_ONLY) + ([] if model.distill else list(MOMENTUM))
-        return load_weights(model, state, source, unused=unused, new=["cls_head", "cls_head_m"])
+        report = load_weights(model, state, source, unused=unused, new=["cls_head", "cls_head_m"])
+        report.notes += notes
+        return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,10 +32,11 @@ from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotati
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo
 from albef.models import build_tokenizer
-from albef.models.classify import TextAssignment, build_text_assignment, double_fusion_layers, num_layers
+from albef.models.classify import (TextAssignment, build_text_assignment, double_fusion_layers, doubling_note,
+                                   num_layers)
 from albef.tasks.pretrain import PretrainTask
 from albef.tasks.retrieval import _autocast
-from albef.tasks.ve import PRETRAIN_ONLY
+from albef.tasks.ve import FSDP_SHARED_KV, PRETRAIN_ONLY
 
 # Everything of a pretraining checkpoint TA does not use (ALBEF: unexpected keys).
 TA_UNUSED = tuple(k for k in PRETRAIN_ONLY if k not in ("vision_proj", "text_proj", "temp")) + (
@@ -49,6 +50,8 @@ class TextAssignmentTask(PretrainTask):
     best_metric = None  # ALBEF keeps every epoch's checkpoint and uses the last
 
     def check(self, cfg: Config, training: bool = True) -> None:
+        if cfg.train.strategy == "fsdp":
+            raise ConfigError(FSDP_SHARED_KV)
         if training and cfg.train.batch_size < 3:
             raise ConfigError(f"train.batch_size: text assignment draws two other images of the batch per "
                               f"caption, so it needs at least 3 (got {cfg.train.batch_size})")
@@ -72,13 +75,17 @@ class TextAssignmentTask(PretrainTask):
     def init_weights(self, model: TextAssignment, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         config = model.text_encoder.config
         fusion, layers = config.fusion_layer, config.num_hidden_layers
-        found = num_layers(state)
-        if found == fusion + (layers - fusion) // 2:
+        found, single = num_layers(state), fusion + (layers - fusion) // 2
+        notes = []
+        if found == single:
             state = double_fusion_layers(state, fusion)
+            notes.append(doubling_note(fusion, single))
         elif found != layers:
             raise CheckpointError(f"{source}: its text encoder has {found} layers; text assignment needs "
-                                  f"{fusion + (layers - fusion) // 2} (pretraining) or {layers} (TA)")
-        return load_weights(model, state, source, unused=list(TA_UNUSED), new=["ta_head"])
+                                  f"{single} (pretraining) or {layers} (TA)")
+        report = load_weights(model, state, source, unused=list(TA_UNUSED), new=["ta_head"])
+        report.notes += notes
+        return report
 
     @torch.no_grad()
     def evaluate(self, model: TextAssignment, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:

@@ -40,6 +40,8 @@ PRETRAIN_ONLY = (
     "itm_head", "temp", "image_queue", "text_queue", "idx_queue", "queue_ptr",
 )
 MOMENTUM = ("visual_encoder_m", "text_encoder_m", "cls_head_m")
+FSDP_SHARED_KV = ("train.strategy: 'fsdp' shards each BERT layer on its own, but NLVR2 / TA fusion layer pairs share "
+                  "their cross-attention key/value weights; use train.strategy=ddp")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -76,6 +78,8 @@ class VETask:
         for files in ((cfg.data.train_files,) if training else ()) + (cfg.eval.val_files, cfg.eval.test_files):
             if files:
                 load(files)
+        if self.num_images == 2 and cfg.train.strategy == "fsdp":
+            raise ConfigError(FSDP_SHARED_KV)
         if training and cfg.data.format != "json":
             raise ConfigError(f"data.format: {self.name} reads JSON annotation files (got {cfg.data.format!r})")
 
