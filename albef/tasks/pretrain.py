@@ -52,7 +52,7 @@ class PretrainTask:
     def _make_loader(self, cfg: Config, dist: DistInfo) -> DataLoader:
         d = cfg.data
         transform = train_transform(
-            cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip
+            cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip, d.jpeg_draft
         )
         if d.format == "wds":
             dataset = webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples, d.caption_list)

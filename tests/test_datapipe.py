@@ -1,0 +1,76 @@
+"""Data pipeline speed paths: JPEG draft decode, shard writer, data-wait warning."""
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from albef.data.datasets import CaptionDataset, decode_image, read_image, sample_seed
+from albef.data.transforms import eval_transform, jpeg_draft_scale, train_transform
+
+UNIT = ([0.0] * 3, [1.0] * 3)
+
+
+def _jpeg(path, width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.BILINEAR)  # smooth, JPEG-like content
+    image.save(path, quality=90)
+    return path
+
+
+def test_jpeg_draft_scale_keeps_every_crop_at_image_size():
+    # ALBEF: 256 px, crop area >= 0.2, aspect 3/4..4/3 -> the shorter crop side is >= sqrt(0.15 * W'H')
+    for width, height in [(640, 480), (1400, 1400), (2000, 1500), (4000, 3000), (9000, 600), (300, 200)]:
+        scale = jpeg_draft_scale((width, height), 256, 0.2, 0.75)
+        w, h = math.ceil(width / scale), math.ceil(height / scale)
+        if scale > 1:
+            assert min(w, h) >= 256 and math.sqrt(0.2 * 0.75 * w * h) >= 256
+        # the next larger reduction would break the guarantee (the scale is the largest allowed)
+        if scale < 8:
+            w2, h2 = math.ceil(width / (2 * scale)), math.ceil(height / (2 * scale))
+            assert min(w2, h2) < 256 or 0.2 * 0.75 * w2 * h2 < 256**2
+    assert jpeg_draft_scale((640, 480), 256, 0.2, 0.75) == 1  # COCO-sized: full decode
+    assert jpeg_draft_scale((4000, 3000), 256, 0.2, 0.75) == 4
+    assert jpeg_draft_scale((4000, 3000), 256) == 8  # eval resize: only min side >= 256 needed
+
+
+def test_jpeg_draft_decodes_smaller_and_keeps_output_shape(tmp_path):
+    path = str(_jpeg(tmp_path / "big.jpg", 1024, 768))
+    drafted = train_transform(64, *UNIT, jpeg_draft=True)
+    assert read_image(path).size == (1024, 768)
+    small = read_image(path, drafted.draft_size)
+    assert small.size == (256, 192)  # 1/4: sqrt(0.15 * 256 * 192) = 86 >= 64, 1/8 would give 60
+    with open(path, "rb") as fp:
+        assert decode_image(fp.read(), "big", drafted.draft_size).size == (256, 192)
+    png = tmp_path / "big.png"
+    Image.open(path).save(png)
+    assert read_image(str(png), drafted.draft_size).size == (1024, 768)  # draft is JPEG-only
+    ann = tmp_path / "ann.json"
+    ann.write_text('[{"image": "big.jpg", "caption": "a big picture"}]')
+    for transform in (drafted, eval_transform(64, *UNIT, jpeg_draft=True)):
+        sample = CaptionDataset(str(ann), str(tmp_path), transform)[0]
+        assert sample["image"].shape == (3, 64, 64)
+    # the drafted pixels approximate the full decode (same picture, slightly different pixels)
+    full = CaptionDataset(str(ann), str(tmp_path), eval_transform(64, *UNIT))[0]["image"]
+    near = CaptionDataset(str(ann), str(tmp_path), eval_transform(64, *UNIT, jpeg_draft=True))[0]["image"]
+    assert (full - near).abs().mean() < 0.02
+
+
+def test_jpeg_draft_off_is_the_plain_decode(tmp_path):
+    path = _jpeg(tmp_path / "big.jpg", 1024, 768, seed=1)
+    ann = tmp_path / "ann.json"
+    ann.write_text('[{"image": "big.jpg", "caption": "a big picture"}]')
+    with Image.open(path) as image:
+        plain = np.asarray(image.convert("RGB"))
+    off = train_transform(64, *UNIT)
+    assert off.draft_size is None and np.array_equal(np.asarray(read_image(str(path), off.draft_size)), plain)
+    # the transform output with the switch off equals the transform applied to the plain decode
+    sample = CaptionDataset(str(ann), str(tmp_path), off, seed=4)[0]
+    torch.manual_seed(sample_seed(4, 0, 0))  # the dataset's per-sample seed (seed 4, epoch 0, index 0)
+    expected = train_transform(64, *UNIT)(Image.fromarray(plain))
+    assert torch.equal(sample["image"], expected)
+    drafted = CaptionDataset(str(ann), str(tmp_path), train_transform(64, *UNIT, jpeg_draft=True), seed=4)[0]
+    assert drafted["image"].shape == sample["image"].shape
