@@ -1,5 +1,5 @@
 """Data pipeline speed paths: JPEG draft decode, shard writer, data-wait warning."""
-import io
+import json
 import math
 
 import numpy as np
@@ -9,6 +9,7 @@ from PIL import Image
 
 from albef.data.datasets import CaptionDataset, decode_image, read_image, sample_seed
 from albef.data.transforms import eval_transform, jpeg_draft_scale, train_transform
+from albef.engine.logging import MetricLogger
 
 UNIT = ([0.0] * 3, [1.0] * 3)
 
@@ -74,3 +75,35 @@ def test_jpeg_draft_off_is_the_plain_decode(tmp_path):
     assert torch.equal(sample["image"], expected)
     drafted = CaptionDataset(str(ann), str(tmp_path), train_transform(64, *UNIT, jpeg_draft=True), seed=4)[0]
     assert drafted["image"].shape == sample["image"].shape
+
+
+def _windows(logger, waits, start=1):
+    """One log window per entry: a window whose step waited `wait` seconds (clamped to 100%)."""
+    for i, wait in enumerate(waits, start):
+        logger.update({"loss": torch.tensor(1.0)}, images=4, data_wait=wait)
+        logger.log(i, 0, {})
+
+
+def _data_wait_events(output_dir):
+    lines = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+    return [line for line in lines if line.get("event") == "data_wait"]
+
+
+def test_data_wait_warning_after_three_slow_windows(tmp_path, capsys):
+    logger = MetricLogger(tmp_path, enabled=True, log_every=1)
+    logger.DATA_WAIT_REPEAT = 4
+    # slow, slow, fast (streak broken), slow x3 -> warn at window 6, then again at 10
+    _windows(logger, [1e3, 1e3, 0.0, 1e3, 1e3, 1e3, 1e3, 1e3, 1e3, 1e3, 0.0, 1e3, 1e3])
+    logger.close()
+    events = _data_wait_events(tmp_path)
+    assert [e["step"] for e in events] == [6, 10]
+    assert events[0]["windows"] == 3 and events[0]["fraction"] == 1.0
+    assert "data.num_workers" in events[0]["advice"]
+    assert "data_wait" in capsys.readouterr().out
+
+
+def test_no_data_wait_warning_when_the_data_keeps_up(tmp_path):
+    logger = MetricLogger(tmp_path, enabled=True, log_every=1)
+    _windows(logger, [0.0] * 8 + [1e3, 1e3] + [0.0])
+    logger.close()
+    assert _data_wait_events(tmp_path) == []
