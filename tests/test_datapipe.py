@@ -1,13 +1,21 @@
 """Data pipeline speed paths: JPEG draft decode, shard writer, data-wait warning."""
+import importlib.util
+import io
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
-from albef.data.datasets import CaptionDataset, decode_image, read_image, sample_seed
+from albef.data.captions import pre_caption
+from albef.data.datasets import (CaptionDataset, decode_image, load_annotations, read_image, sample_seed,
+                                 webdataset_pipeline)
+from albef.data.synthetic import generate_corpus
 from albef.data.transforms import eval_transform, jpeg_draft_scale, train_transform
 from albef.engine.logging import MetricLogger
 
@@ -107,3 +115,47 @@ def test_no_data_wait_warning_when_the_data_keeps_up(tmp_path):
     _windows(logger, [0.0] * 8 + [1e3, 1e3] + [0.0])
     logger.close()
     assert _data_wait_events(tmp_path) == []
+
+
+def _make_shards_module():
+    spec = importlib.util.spec_from_file_location("make_shards", Path(__file__).resolve().parents[1] / "scripts" / "make_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_shards"] = module  # its worker processes find encode_entry by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_shards_round_trip(tmp_path):
+    corpus = generate_corpus(str(tmp_path / "corpus"), num_train=11, num_test=2, num_val=2, image_size=64,
+                             captions_per_image=2, shard_size=100)
+    (tmp_path / "corpus" / "images" / "train_000003.jpg").write_bytes(b"")  # one unreadable image
+    make_shards = _make_shards_module()
+    assert make_shards.main([corpus["train"], "--image-root", corpus["image_root"], "--out", str(tmp_path / "s"),
+                             "--size", "40", "--shard-size", "4", "--workers", "2", "--quality", "90"]) == 0
+    result = make_shards.make_shards([corpus["train"]], corpus["image_root"], str(tmp_path / "t"), size=40,
+                                     shard_size=4)
+    assert result["num_samples"] == 10 and result["skipped"] == {"empty_file": 1}
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [f"shard-{i:06d}.tar" for i in range(3)]
+    # raw shard contents: images of the requested size, the JSON path's ids and caption lists
+    expected = {a["id"]: a["caption"] for a in load_annotations(corpus["train"], expand=False)
+                if a["image"] != "images/train_000003.jpg"}
+    raw = {}
+    for sample in wds.WebDataset(sorted(str(p) for p in (tmp_path / "t").iterdir()), shardshuffle=False):
+        meta = json.loads(sample["json"])
+        with Image.open(io.BytesIO(sample["jpg"])) as image:
+            assert image.format == "JPEG" and image.size == (40, 40)  # 64 x 64 -> shorter side 40
+        raw[meta["image_id"]] = meta["caption"]
+    assert raw == expected
+    # the training reader (data.format: wds) reads them back: same ids and cleaned captions
+    stream = webdataset_pipeline(result["shards"], eval_transform(32, *UNIT), caption_list="expand")
+    got = sorted((s["id"], s["caption"]) for s in stream)
+    assert got == sorted((i, pre_caption(c, 30)) for i, caps in expected.items() for c in caps)
+    assert next(iter(stream))["image"].shape == (3, 32, 32)
+
+
+def test_make_shards_rejects_bad_arguments(tmp_path, capsys):
+    make_shards = _make_shards_module()
+    assert make_shards.main(["x.json", "--out", str(tmp_path), "--quality", "0"]) == 2
+    assert make_shards.main([str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--quality=0" in err and "missing.json" in err
