@@ -125,6 +125,7 @@ class TrainConfig:
     max_nonfinite: int = 10
     strategy: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False  # torch.compile each ViT block and BERT layer
+    async_checkpoint: bool = True  # stage to CPU, write the file in a background thread (same file)
 
 
 @dataclass
