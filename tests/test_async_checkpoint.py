@@ -90,3 +90,17 @@ def test_failed_background_write_is_raised_by_wait(tmp_path):
     else:
         raise AssertionError("the failed write was not reported")
     writer.wait()  # reported once
+
+
+def test_stage_to_cpu_reuses_buffers_of_the_previous_copy():
+    state = {"w": torch.arange(6.0), "v": torch.ones(3)}
+    buffers = []
+    first = stage_to_cpu(state, buffers)
+    pointers = [b.data_ptr() for b in buffers]
+    state["w"] += 10
+    state["v"] = torch.ones(4)  # another size: a new buffer
+    second = stage_to_cpu(state, buffers)
+    assert buffers[0].data_ptr() == pointers[0] and second["w"].data_ptr() == pointers[0]
+    assert torch.equal(second["w"], torch.arange(6.0) + 10) and torch.equal(second["v"], torch.ones(4))
+    assert len(buffers) == 2 and buffers[1].nbytes() == 16
+    assert torch.equal(first["w"], second["w"])  # the same memory: the first copy is no longer valid
