@@ -17,6 +17,7 @@ whole by `publish_checkpoint_dir`, then the same pointer and pruning rules apply
 """
 from __future__ import annotations
 
+import copy
 import errno
 import fnmatch
 import io
@@ -27,6 +28,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -176,6 +178,93 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike, step: in
     _atomic_write(ckpt_dir / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
     _prune(ckpt_dir, keep_last)
     return path
+
+
+def stage_to_cpu(obj: Any, buffers: list[torch.UntypedStorage] | None = None) -> Any:
+    """A copy of `obj` (nested dicts, lists, tuples) whose tensors are CPU copies, detached from
+    the live model and optimizer, so that it can be written while training goes on.
+
+    Each storage is copied once and its tensors are rebuilt as views of the copy (same offset,
+    size and stride), so the copy is what `torch.save` would write: tensors that share memory
+    (tied weights) still share it. `buffers` (a list, filled in order of first use) holds the
+    copies; passing the list of the previous call reuses those whose size matches (no new
+    allocation, 3x faster on CPU), so it must no longer be in use."""
+    return _stage(obj, {}, [] if buffers is None else buffers, [0])
+
+
+def _stage(obj: Any, seen: dict, buffers: list, used: list[int]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach()
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes(), tensor.device)
+        staged = seen.get(key) if storage.nbytes() else None
+        if staged is None:
+            i, used[0] = used[0], used[0] + 1
+            if i < len(buffers) and buffers[i].nbytes() == storage.nbytes():
+                staged = buffers[i].copy_(storage)
+            else:
+                staged = storage.cpu() if tensor.device.type != "cpu" else storage.clone()
+                buffers[i:i + 1] = [staged]
+            seen[key] = staged
+        return torch.empty(0, dtype=tensor.dtype).set_(staged, tensor.storage_offset(), tensor.size(), tensor.stride())
+    if isinstance(obj, dict):
+        return type(obj)((k, _stage(v, seen, buffers, used)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_stage(v, seen, buffers, used) for v in obj)
+    if isinstance(obj, (int, float, str, bytes, bool, type(None))):
+        return obj
+    return copy.deepcopy(obj)  # numpy arrays and other small values
+
+
+class CheckpointWriter:
+    """`save_checkpoint` with the file written in a background thread (train.async_checkpoint).
+
+    `save` stages the state to CPU (`stage_to_cpu`) on the calling thread, so training may change
+    the model right after it returns, then writes it as `save_checkpoint` does: temp file, fsync,
+    rename, `latest`, prune; a kill at any point leaves the previous checkpoint in force. One
+    write is in flight at a time: `save` first waits for the previous one. `wait()` (call it
+    before the process exits) returns when the write is done and re-raises its error (a
+    CheckpointError for a full disk), so a failed write stops the run at the next save or at the
+    end, not silently. With `background=False` `save` writes before it returns. The CPU copy is
+    kept between saves and refilled by the next one (host memory: one copy of the state).
+    """
+
+    def __init__(self, background: bool = True) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._buffers: list[torch.UntypedStorage] = []  # CPU copies, reused by the next save
+
+    def save(self, state: dict[str, Any], ckpt_dir: str | os.PathLike, step: int, keep_last: int) -> Path:
+        """Write `state` as `ckpt_dir/step_{step:08d}.pt` (see `save_checkpoint`); returns that path."""
+        self.wait()
+        if not self.background:
+            return save_checkpoint(state, ckpt_dir, step, keep_last)
+        staged = stage_to_cpu(state, self._buffers)  # the previous write is done: its buffers are free
+        self._thread = threading.Thread(target=self._write, args=(staged, ckpt_dir, step, keep_last),
+                                        name=f"checkpoint-step-{step}")
+        self._thread.start()
+        return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+    def _write(self, state: dict[str, Any], ckpt_dir: str | os.PathLike, step: int, keep_last: int) -> None:
+        try:
+            save_checkpoint(state, ckpt_dir, step, keep_last)
+        except BaseException as err:  # handed to the training thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; re-raise its error."""
+        error = self.close()
+        if error is not None:
+            raise error
+
+    def close(self) -> BaseException | None:
+        """Block until the write in flight (if any) is on disk; return its error (None: written)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        return error
 
 
 def tmp_checkpoint_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:

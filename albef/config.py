@@ -108,6 +108,7 @@ class DataConfig:
     hflip: bool = True  # random horizontal flip (off when captions say left/right)
     max_bad_fraction: float = 0.01
     caption_list: Literal["random", "expand"] = "random"  # ALBEF: one caption drawn per access
+    jpeg_draft: bool = False  # decode large JPEGs at 1/2..1/8 scale where every crop stays >= image_size
 
 
 @dataclass
@@ -124,6 +125,7 @@ class TrainConfig:
     max_nonfinite: int = 10
     strategy: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False  # torch.compile each ViT block and BERT layer
+    async_checkpoint: bool = True  # stage to CPU, write the file in a background thread (same file)
 
 
 @dataclass

@@ -205,7 +205,8 @@ def test_killed_and_preempted_run_resumes_exactly(corpus, tmp_path):
     # 2. SIGKILL after step 4 was renamed into place but before `latest` moved on.
     killed = Run(cli_args(corpus, out), out, DIE_BEFORE_POINTER.format(step=4))
     assert killed.wait() == -signal.SIGKILL
-    assert resumed_step(killed) == 2 and killed.steps() == [3, 4]
+    # (train.async_checkpoint: step 5 may train and log while step 4 is written; it is not saved)
+    assert resumed_step(killed) == 2 and killed.steps() in ([3, 4], [3, 4, 5])
     assert not any(n.startswith(".step_00000003.pt.") for n in ckpt_names(out)), "stale temp file"
     assert step_files(out) == {"step_00000003.pt", "step_00000004.pt"}
     assert latest_step(out) == 3

@@ -99,9 +99,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(fp: Any, name: str) -> Image.Image:
+DraftSize = Callable[[tuple[int, int]], "tuple[int, int] | None"]
+
+
+def _decode(fp: Any, name: str, draft_size: DraftSize | None = None) -> Image.Image:
     try:
         with Image.open(fp) as image:
+            if draft_size is not None and image.format == "JPEG":
+                reduced = draft_size(image.size)
+                if reduced is not None:  # libjpeg decodes at 1/2, 1/4 or 1/8 scale
+                    image.draft(None, reduced)
             image.load()
             return to_rgb(image)
     except UnidentifiedImageError as exn:
@@ -111,8 +118,11 @@ def _decode(fp: Any, name: str) -> Image.Image:
         raise SampleError(reason, f"{name}: {exn}") from exn
 
 
-def read_image(path: str) -> Image.Image:
-    """Load an image file as RGB or raise `SampleError` (missing/unreadable/empty/truncated/decode)."""
+def read_image(path: str, draft_size: DraftSize | None = None) -> Image.Image:
+    """Load an image file as RGB or raise `SampleError` (missing/unreadable/empty/truncated/decode).
+
+    `draft_size(size) -> (w, h) | None` lets a JPEG decode at a reduced scale (`PIL.Image.draft`;
+    the transforms' ``draft_size``, set by data.jpeg_draft); None decodes at full size."""
     try:
         size = os.path.getsize(path)
     except FileNotFoundError as exn:
@@ -123,16 +133,16 @@ def read_image(path: str) -> Image.Image:
         raise SampleError("empty_file", f"{path}: zero bytes")
     try:
         with open(path, "rb") as fp:
-            return _decode(fp, path)
+            return _decode(fp, path, draft_size)
     except OSError as exn:  # a directory, no permission, an I/O error: this sample's problem
         raise SampleError("unreadable", f"{path}: {exn.strerror or exn}") from exn
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """Decode encoded image bytes as RGB or raise `SampleError`."""
+def decode_image(data: bytes, name: str, draft_size: DraftSize | None = None) -> Image.Image:
+    """Decode encoded image bytes as RGB or raise `SampleError` (`draft_size`: see `read_image`)."""
     if not data:
         raise SampleError("empty_file", f"{name}: zero bytes")
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, draft_size)
 
 
 # ----------------------------------------------------------------------------- samples
@@ -299,7 +309,7 @@ class CaptionDataset(Dataset):
         ann = self.samples[index]
         path = os.path.join(self.image_root, ann["image"])
         try:
-            image = read_image(path)
+            image = read_image(path, getattr(self.transform, "draft_size", None))
         except SampleError as exn:
             image = exn
         epoch, caption = self.epoch.get(), ann["caption"]
@@ -423,7 +433,7 @@ class ShardStream(IterableDataset):
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
                 raise SampleError("incomplete", f"{key}: no image ({'/'.join(IMAGE_KEYS)})")
-            image = decode_image(data, key)
+            image = decode_image(data, key, getattr(self.transform, "draft_size", None))
         except SampleError as exn:
             image = exn
         numbered = enumerate(captions)

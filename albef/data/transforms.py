@@ -9,7 +9,9 @@ layers picks an op uniformly and applies it with probability 0.5.
 Every random draw goes through the torch RNG, so seeding torch before the call fixes the output
 (the datasets do that per sample).
 """
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -58,6 +60,52 @@ def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v
     return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
+# ----------------------------------------------------------------------------- JPEG draft
+
+JPEG_DRAFT_SCALES = (8, 4, 2, 1)  # the DCT scalings libjpeg decodes at (PIL `Image.draft`)
+
+
+def jpeg_draft_scale(
+    size: tuple[int, int], image_size: int, crop_scale_min: float = 1.0, min_ratio: float = 1.0
+) -> int:
+    """The largest JPEG reduction (8, 4, 2 or 1) after which every crop the transform can take
+    still has at least `image_size` pixels on each side, so the crop is only ever downsampled.
+
+    A JPEG reduced by s decodes to W' x H' = ceil(W/s) x ceil(H/s). RandomResizedCrop draws an
+    area fraction a >= crop_scale_min of W'H' and an aspect ratio r in [min_ratio, 1/min_ratio]
+    (ALBEF: 3/4..4/3) and crops w = sqrt(a W'H' r), h = sqrt(a W'H' / r); the shorter of the two
+    is at least sqrt(crop_scale_min * min_ratio * W'H'). When no such crop fits it falls back to
+    a centre crop of about the whole image, whose shorter side is min(W', H'). So the reduction is
+    allowed when  crop_scale_min * min_ratio * W'H' >= image_size**2  and  min(W', H') >= image_size.
+    For ALBEF's 256 px with scale 0.2 that needs W'H' >= 661**2, i.e. a 2x draft only for images of
+    about 1,320 x 1,320 pixels (1.75 Mpx) or more. The eval resize (whole image to S x S) is the
+    case crop_scale_min = min_ratio = 1.
+    """
+    width, height = size
+    for scale in JPEG_DRAFT_SCALES:
+        w, h = -(-width // scale), -(-height // scale)
+        if min(w, h) >= image_size and crop_scale_min * min_ratio * w * h >= image_size**2:
+            return scale
+    return 1
+
+
+def jpeg_draft_size(size: tuple[int, int], **limits) -> tuple[int, int] | None:
+    """The size to pass to `PIL.Image.draft` for an image of `size` (None: decode at full size).
+
+    PIL picks the largest scale s in (8, 4, 2, 1) with s <= min(W // w, H // h); asking for
+    (W // s, H // s) makes it pick exactly `jpeg_draft_scale`'s s."""
+    scale = jpeg_draft_scale(size, **limits)
+    return None if scale == 1 else (size[0] // scale, size[1] // scale)
+
+
+def _with_draft(compose: v2.Compose, draft_size: Callable | None) -> v2.Compose:
+    """Attach the decode hint the datasets read (``transform.draft_size``; None: full decode)."""
+    compose.draft_size = draft_size
+    return compose
+
+
+# ----------------------------------------------------------------------------- pipelines
+
 def train_transform(
     image_size: int,
     mean: Sequence[float],
@@ -66,12 +114,14 @@ def train_transform(
     randaugment: bool = True,
     hflip: bool = True,
     crop: bool = True,
+    jpeg_draft: bool = False,
 ) -> v2.Compose:
     """ALBEF pretraining augmentation for RGB PIL images -> normalized float tensor [3, S, S].
 
     `crop=False` resizes the whole image to S x S instead of a random resized crop (ALBEF's
-    grounding training, whose expressions may name any part of the image).
-    """
+    grounding training, whose expressions may name any part of the image). With `jpeg_draft`
+    (data.jpeg_draft) the datasets decode large JPEGs at a reduced scale that keeps every
+    possible crop at >= `image_size` pixels a side (`jpeg_draft_scale`)."""
     if crop:
         first = v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)
     else:
@@ -81,10 +131,19 @@ def train_transform(
         steps.append(v2.RandomHorizontalFlip())
     if randaugment:
         steps.append(albef_randaugment())
-    return v2.Compose(steps + _to_normalized_tensor(mean, std))
+    draft = None
+    if jpeg_draft and crop:
+        min_ratio = min(min(first.ratio), 1 / max(first.ratio))
+        draft = partial(jpeg_draft_size, image_size=image_size, crop_scale_min=crop_scale[0], min_ratio=min_ratio)
+    elif jpeg_draft:  # a whole-image resize needs both sides >= image_size, as eval's
+        draft = partial(jpeg_draft_size, image_size=image_size)
+    return _with_draft(v2.Compose(steps + _to_normalized_tensor(mean, std)), draft)
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], jpeg_draft: bool = False
+) -> v2.Compose:
     """Deterministic square bicubic resize -> normalized float tensor [3, S, S]."""
     resize = v2.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)
-    return v2.Compose([resize] + _to_normalized_tensor(mean, std))
+    draft = partial(jpeg_draft_size, image_size=image_size) if jpeg_draft else None
+    return _with_draft(v2.Compose([resize] + _to_normalized_tensor(mean, std)), draft)

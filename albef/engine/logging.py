@@ -17,7 +17,16 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class MetricLogger:
-    """Window-averaged scalars written by the main process only (`enabled=False` elsewhere)."""
+    """Window-averaged scalars written by the main process only (`enabled=False` elsewhere).
+
+    When the fraction of a window spent waiting for data stays above `DATA_WAIT_LIMIT` for
+    `DATA_WAIT_PATIENCE` windows in a row, a ``data_wait`` event says so (again every
+    `DATA_WAIT_REPEAT` windows while it lasts): the input pipeline is the bottleneck.
+    """
+
+    DATA_WAIT_LIMIT = 0.1
+    DATA_WAIT_PATIENCE = 3
+    DATA_WAIT_REPEAT = 50
 
     def __init__(self, output_dir: str | Path, enabled: bool, log_every: int) -> None:
         self.enabled = enabled
@@ -26,6 +35,7 @@ class MetricLogger:
         self.total_steps: int | None = None
         self.writer: SummaryWriter | None = None
         self.jsonl = None
+        self._slow_windows = 0  # consecutive windows above DATA_WAIT_LIMIT
         if enabled:
             output_dir = Path(output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +82,21 @@ class MetricLogger:
             if torch.cuda.is_available():
                 record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
             self._write(record, elapsed)
+            self._check_data_wait(step, record["data_wait_fraction"])
         self._reset_window()
         return record
+
+    def _check_data_wait(self, step: int, fraction: float) -> None:
+        """Warn when the step keeps waiting for data (see the class docstring)."""
+        self._slow_windows = self._slow_windows + 1 if fraction > self.DATA_WAIT_LIMIT else 0
+        late = self._slow_windows - self.DATA_WAIT_PATIENCE
+        if late >= 0 and late % self.DATA_WAIT_REPEAT == 0:
+            self.event(
+                step, "data_wait", fraction=round(fraction, 3), windows=self._slow_windows,
+                advice=f"the step waited for data more than {self.DATA_WAIT_LIMIT:.0%} of the time "
+                       f"for {self._slow_windows} log windows: raise data.num_workers, or read pre-resized "
+                       "WebDataset shards (scripts/make_shards.py, data.format: wds), or set data.jpeg_draft: true",
+            )
 
     def _write(self, record: dict[str, float], elapsed: float) -> None:
         step = int(record["step"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -26,9 +27,9 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from albef.checkpoint import (CheckpointError, LoadReport, checkpoint_dir, checkpoint_step, is_dcp_checkpoint,
-                              load_checkpoint_file, load_pretrained, load_training_state, load_weights,
-                              read_model_state, resolve_resume, save_checkpoint, save_pretrained)
+from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, checkpoint_dir, checkpoint_step,
+                              is_dcp_checkpoint, load_checkpoint_file, load_pretrained, load_training_state, load_weights,
+                              read_model_state, resolve_resume, save_pretrained)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.dist import DistInfo
@@ -277,6 +278,7 @@ class Trainer:
         else:
             seed_everything(cfg.seed + dist.rank + self.state.step)
         self.logger = MetricLogger(self.output_dir, enabled=self.is_main, log_every=cfg.train.log_every)
+        self.checkpoints = CheckpointWriter(background=cfg.train.async_checkpoint)
 
     def _load(self, path: Path | None) -> dict[str, Any] | None:
         if path is None:
@@ -337,6 +339,7 @@ class Trainer:
                     if end_of_epoch:
                         self._check_bad_samples(epoch)
                     if preempted:
+                        self.checkpoints.wait()  # the checkpoint is on disk before the process exits
                         self.logger.event(self.state.step, "preempted", exit_code=PREEMPTED_EXIT_CODE)
                         return PREEMPTED_EXIT_CODE
                     if finished:
@@ -344,9 +347,13 @@ class Trainer:
                 del batches
                 if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
                     break
+            self.checkpoints.wait()
             self.test_best()
             return 0
         finally:
+            error = self.checkpoints.close()  # an error stopped the run with a write in flight
+            if error is not None:
+                print(f"the last checkpoint was not written: {error}", file=sys.stderr, flush=True)
             self.preemption.restore()
             self.logger.close()
 
@@ -524,7 +531,9 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint written by rank 0 (FSDP: a .dcp directory written by every rank); every
-        rank contributes its RNG state and waits for it."""
+        rank contributes its RNG state and waits for it. With train.async_checkpoint rank 0 only
+        copies the state to CPU before the ranks go on; the file is written in the background
+        (`CheckpointWriter`: one write in flight, finished before the run ends or exits)."""
         skips = self.skips.all_reduce()
         rngs = gather_objects(rng_state(), self.dist.world_size)
         state = {
@@ -541,7 +550,7 @@ class Trainer:
         path = None
         if self.is_main:
             state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
-            path = save_checkpoint(state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last)
+            path = self.checkpoints.save(state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last)
         if self.dist.world_size > 1:
             torch_dist.barrier()
         return path

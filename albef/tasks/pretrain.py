@@ -53,7 +53,7 @@ class PretrainTask:
         """The training samples (a task with another annotation format overrides this)."""
         d = cfg.data
         transform = train_transform(
-            cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip
+            cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip, d.jpeg_draft
         )
         if d.format == "wds":
             return webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples, d.caption_list)
