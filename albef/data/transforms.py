@@ -9,7 +9,6 @@ layers picks an op uniformly and applies it with probability 0.5.
 Every random draw goes through the torch RNG, so seeding torch before the call fixes the output
 (the datasets do that per sample).
 """
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
