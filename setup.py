@@ -7,13 +7,14 @@ setup(
     packages=find_packages(include=["albef", "albef.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # nn.utils.get_total_norm, public fully_shard
         "torchvision",
         "timm>=1.0",
         "transformers>=4.40",
         "safetensors",
         "webdataset",
         "tensorboard",
+        "matplotlib",
         "pillow",
         "PyYAML",
         "numpy",
@@ -23,7 +24,11 @@ setup(
             "albef-pretrain=albef.pretrain:main",
             "albef-demo=albef.demo:main",
             "albef-retrieval=albef.tasks.retrieval:main",
+            "albef-ve=albef.tasks.ve:main",
+            "albef-nlvr=albef.tasks.nlvr:main",
+            "albef-nlvr-pretrain=albef.tasks.nlvr_pretrain:main",
             "albef-vqa=albef.tasks.vqa:main",
+            "albef-grounding=albef.tasks.grounding:main",
         ]
     },
 )

@@ -1,8 +1,11 @@
 """Checkpoint files: safe loading, atomic saving with keep-last-K, resume lookup, and loading
 pretrained weights (our checkpoints, the released ALBEF .pth files, plain state dicts).
 
-Nothing here unpickles code: `.pt`/`.pth` files are read with `torch.load(weights_only=True)`,
-`.safetensors` files with safetensors. Training checkpoints must therefore hold only tensors,
+Nothing here unpickles code: `.pt`/`.pth`/`.bin` files are read with `torch.load(weights_only=True)`,
+`.safetensors` files with safetensors, and a `.dcp` directory only after `check_dcp_directory`
+(its `.metadata` through an unpickler that knows only DCP's metadata classes, its byte entries
+and `trainer_state.pt` with weights_only), then through `load_dcp_state`, whose reader and
+planner keep to the same rules. Training checkpoints must therefore hold only tensors,
 numbers, strings, lists, tuples and dicts (store e.g. numpy RNG state as a tensor or list).
 
 Layout written by the engine: `ckpt_dir/step_XXXXXXXX.pt`, each written to a temp name in the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import io
 import json
 import os
 import pickle
@@ -31,15 +35,19 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from timm.layers import resample_abs_pos_embed
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 __all__ = [
     "CheckpointError", "LoadReport", "load_checkpoint_file", "save_checkpoint", "find_latest",
     "checkpoint_dir", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
     "save_pretrained", "tmp_checkpoint_dir", "publish_checkpoint_dir", "is_dcp_checkpoint",
-    "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state", "read_model_state", "load_weights",
+    "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state", "check_dcp_directory",
+    "load_dcp_state", "checkpoint_step", "read_model_state", "load_weights",
 ]
 
 LATEST = "latest"
@@ -79,18 +87,23 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
         if path.suffix == ".safetensors":
             obj = load_file(path, device=str(map_location))
         else:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error below says it all
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path}: refused to load: it contains code or objects that are not plain tensors "
-            "(numbers, strings, lists, dicts), which will not be executed; re-save the weights "
-            "as a plain state dict or .safetensors from a trusted source") from None
+        raise CheckpointError(_refused(path)) from None
     except Exception as err:  # torch/zip/safetensors report damage with many exception types
         raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or "
                               f"corrupt ({type(err).__name__}: {_first_line(err)})") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found a {type(obj).__name__}")
     return obj
+
+
+def _refused(path: Path | str, what: str = "") -> str:
+    return (f"{path}: refused to load{what}: it contains code or objects that are not plain tensors "
+            "(numbers, strings, lists, dicts), which will not be executed; re-save the weights "
+            "as a plain state dict or .safetensors from a trusted source")
 
 
 def _first_line(err: BaseException) -> str:
@@ -208,6 +221,12 @@ def _step_files(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step in a `step_XXXXXXXX.pt` / `.dcp` name, or None for another name."""
+    m = _STEP_RE.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def _read_pointer(ckpt_dir: Path) -> Path | None:
     try:
         name = (ckpt_dir / LATEST).read_text().strip()
@@ -286,8 +305,16 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
     """Checkpoint for `--resume`: None (fresh run), `auto` (newest in this run, or None) or a path.
 
-    A directory path means its newest intact checkpoint (the run dir or its checkpoints dir).
+    A directory path means its newest intact checkpoint (the run dir or its checkpoints dir). A
+    `.dcp` result has passed `check_dcp_directory`.
     """
+    path = _resolve_resume_path(resume, output_dir)
+    if path is not None and is_dcp_checkpoint(path):
+        check_dcp_directory(path)
+    return path
+
+
+def _resolve_resume_path(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
@@ -308,6 +335,145 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
         raise CheckpointError(f"--resume {path}: no such file (use --resume auto to continue "
                               "from the newest checkpoint in output_dir)")
     return path
+
+
+# ----------------------------------------------------------------------------- .dcp directories
+
+# Everything a DCP `.metadata` pickle may name (what torch.distributed.checkpoint writes); an
+# unpickler that knows nothing else cannot be made to call anything else.
+_DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata: its dataclasses, torch.Size, dtypes, layouts, paths; nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"'{module}.{name}' is not part of DCP metadata")
+
+
+def _read_dcp_metadata(file: Path) -> Metadata:
+    """The `Metadata` in `file`, unpickled without running anything, or CheckpointError."""
+    try:
+        with open(file, "rb") as f:
+            metadata = _DCPMetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; the .dcp checkpoint is incomplete, resume from an "
+                              "older one") from None
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{_refused(file)} ({_first_line(err)})") from None
+    except Exception as err:  # truncated or damaged pickles fail in many ways
+        raise CheckpointError(f"{file}: cannot read DCP metadata, the file is truncated or corrupt "
+                              f"({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{file}: not DCP metadata (found a {type(metadata).__name__})")
+    return metadata
+
+
+def check_dcp_directory(path: str | os.PathLike) -> None:
+    """Check every file of the `.dcp` directory `path` that loading it reads, running nothing.
+
+    `.metadata` goes through an unpickler that knows only DCP's metadata classes; the shard files
+    it names must be plain files inside `path`; each non-tensor ("bytes") entry of a shard is
+    loaded with weights_only (DCP itself would unpickle those unrestricted, `load_dcp_state` does
+    not); `trainer_state.pt`, when present, with `load_checkpoint_file`. Tensor entries are read
+    by DCP with weights_only. Raises CheckpointError naming the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a .dcp checkpoint directory")
+    metadata = _read_dcp_metadata(path / _DCP_METADATA)
+    for index, info in metadata.storage_data.items():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{path / _DCP_METADATA}: names a shard outside the checkpoint "
+                                  f"directory ({name!r}); refusing to read it")
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: missing; the .dcp checkpoint is incomplete, resume from "
+                                  "an older one")
+        entry = metadata.state_dict_metadata.get(getattr(index, "fqn", None))
+        if isinstance(entry, BytesStorageMetadata) and not info.transform_descriptors:
+            _check_dcp_bytes(shard, info.offset, info.length, index.fqn)
+    if (path / DCP_TRAINER_STATE).exists():
+        load_checkpoint_file(path / DCP_TRAINER_STATE)
+
+
+def _check_dcp_bytes(shard: Path, offset: int, length: int, fqn: str) -> None:
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        data = io.BytesIO(f.read(length))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(_refused(shard, f" (entry '{fqn}')")) from None
+    except Exception as err:
+        raise CheckpointError(f"{shard}: entry '{fqn}' is truncated or corrupt "
+                              f"({type(err).__name__}: {_first_line(err)})") from None
+
+
+class _SafeDCPReader(FileSystemReader):
+    """DCP's file reader with `.metadata` read by `_DCPMetadataUnpickler` (DCP uses plain pickle)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")  # rank-local metadata: a fallback DCP tries when .metadata fails
+        name = _DCP_METADATA if rank is None else f"__{rank}{_DCP_METADATA}"
+        metadata = _read_dcp_metadata(Path(self.path) / name)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries are unpickled with weights_only."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(_refused(f"DCP entry '{read_item.dest_index.fqn}'")) from None
+        # Hand the parent (which places the value in the state dict) a re-serialised copy of
+        # what was just loaded safely: it contains only plain data.
+        safe = io.BytesIO()
+        torch.save(obj, safe)
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
+
+
+def load_dcp_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Fill the DCP state dict `state` in place from the `.dcp` directory `path` (any world size;
+    every rank calls it). Nothing stored in the directory runs: see `check_dcp_directory`.
+
+    DCP reports failures as a CheckpointException (a BaseException) holding each rank's error;
+    the first of these is raised instead.
+    """
+    check_dcp_directory(path)
+    try:
+        with warnings.catch_warnings():  # "...assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=_SafeDCPReader(path), planner=_WeightsOnlyLoadPlanner())
+    except CheckpointException as err:
+        failures = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
+        first = next((f for f in failures if isinstance(f, Exception)), None)
+        if first is None:
+            raise CheckpointError(f"{path}: cannot load ({_first_line(err)})") from err
+        raise first from None
+
 
 
 # ----------------------------------------------------------------------------- pretrained
@@ -583,15 +749,13 @@ def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: incomplete .dcp checkpoint (no {_DCP_METADATA} or {DCP_TRAINER_STATE})")
     check_dcp_directory(path)
     try:
-        loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(path))
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = _load_state_dict_from_keys(keys={"model"}, storage_reader=_SafeDCPReader(path))
     except Exception as err:
         raise CheckpointError(f"{path}: cannot read the model shards ({type(err).__name__}: "
                               f"{_first_line(err)})") from err
     return unwrap_model_state(loaded, path)
-
-
-def check_dcp_directory(path: Path) -> None:
-    """Placeholder for the restricted-unpickler check of every file of a `.dcp` directory."""
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from albef.checkpoint import CheckpointError, checkpoint_dir, find_latest, resolve_resume
-from albef.config import Config, ConfigError, check_paths, load_config
+from albef.config import Config, ConfigError, check_model_config, check_paths, load_config
 from albef.data.datasets import AnnotationError, BadDataError
 from albef.dist import destroy_distributed, init_distributed
 from albef.engine.trainer import Trainer, TrainingError, evaluate_only
@@ -57,6 +57,7 @@ def parse(argv: Sequence[str] | None, prog: str, description: str) -> tuple[argp
     if args.init_from:
         cfg.model.init_checkpoint = args.init_from
     check_paths(cfg, training=not args.evaluate)
+    check_model_config(cfg)  # sizes against timm and the BERT config
     return args, cfg
 
 

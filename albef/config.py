@@ -17,7 +17,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "save_config", "check_paths"]
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "check_paths", "check_data_files",
+           "check_model_config"]
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,7 @@ class LossConfig:
     alpha: float = 0.4
     alpha_warmup: bool = True
     mlm_probability: float = 0.15
+    mlm_mask_sep: bool = True  # ALBEF masks [SEP] like any word (never [PAD], [CLS])
     itc_gather_batch: bool = False
     itm_negatives: Literal["local", "global"] = "local"
     same_id_positives: bool = False  # ITC positives: false = the pair only (ALBEF pretraining),
@@ -97,6 +99,7 @@ class DataConfig:
     num_samples: int | None = None
     max_words: int = 30
     max_tokens: int = 25
+    pad_to_max_tokens: bool = False  # pad every batch to max_tokens (static shapes)
     num_workers: int = 4
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -104,6 +107,7 @@ class DataConfig:
     randaugment: bool = True
     hflip: bool = True  # random horizontal flip (off when captions say left/right)
     max_bad_fraction: float = 0.01
+    caption_list: Literal["random", "expand"] = "random"  # ALBEF: one caption drawn per access
 
 
 @dataclass
@@ -119,6 +123,7 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite: int = 10
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False  # torch.compile each ViT block and BERT layer
 
 
 @dataclass
@@ -128,6 +133,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_lr: float = 1e-5
     warmup_steps: int = 2000
+    warmup_across_epochs: bool = False  # ALBEF: the warmup ends with epoch 0
     min_lr: float = 1e-5
 
 
@@ -155,6 +161,17 @@ class VQAConfig:
 
 
 @dataclass
+class GroundingConfig:
+    """Weakly supervised grounding (albef-grounding): Grad-CAM layer and box files."""
+    block_num: int = 8  # BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM reads
+    det_file: str = "data/refcoco+/dets.json"  # {image_id: [[x, y, w, h, ...], ...]} candidate boxes
+    coco_file: str | None = None  # optional second box file (ALBEF's cocos.json): adds {split}_gt accuracies
+    refs_file: str | None = None  # {ref_id: {image_id, bbox, split}} for eval entries that lack them
+    box_alpha: float = 0.5  # box score = map[box].sum() / area ** box_alpha
+    visualize_count: int = 16  # references drawn by --visualize
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/pretrain"
     seed: int = 42
@@ -165,6 +182,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML / checkpoint friendly)."""
@@ -300,6 +318,7 @@ _RANGES = {
     "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_tokens": "[3, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
     "vqa.k_test": "[1, inf)", "vqa.vg_weight": "[0, inf)", "vqa.eval_max_words": "[1, inf)",
+    "grounding.block_num": "[0, inf)", "grounding.box_alpha": "[0, inf)", "grounding.visualize_count": "[1, inf)",
 }
 
 
@@ -499,3 +518,55 @@ def _bert_fields() -> list[str]:
     from transformers import BertConfig  # slow import: only when overrides are given
 
     return list(BertConfig().to_dict())
+
+
+def check_data_files(cfg: Config, training: bool = True) -> None:
+    """Read the caption annotation files (train, when `training`, and eval) and find the shard
+    files the config names, without loading any image, so that a malformed file is a
+    ConfigError before anything is built. For tasks whose data are image-caption pairs."""
+    from albef.data.datasets import AnnotationError, check_annotation_file, shard_urls
+
+    origins = getattr(cfg, "_origins", _Origins("<config>"))
+    files = [(f"data.train_files[{i}]", f) for i, f in enumerate(cfg.data.train_files)] \
+        if cfg.data.format == "json" and training else []
+    for split in ("val_files", "test_files"):
+        files += [(f"eval.{split}[{i}]", f) for i, f in enumerate(getattr(cfg.eval, split))]
+    for key, file in files:
+        try:
+            check_annotation_file(file)
+        except AnnotationError as err:
+            raise origins.error(key, str(err)) from None
+    if cfg.data.format == "wds" and training:
+        try:
+            shard_urls(cfg.data.shards)
+        except FileNotFoundError as err:
+            raise origins.error("data.shards", str(err)) from None
+
+
+def check_model_config(cfg: Config) -> None:
+    """Model settings that need timm or the BERT config to check: a known timm architecture, a
+    readable BERT config, fusion_layer within its layers, a hidden size the heads divide."""
+    import timm
+
+    from albef.models.bert import bert_config
+
+    origins = getattr(cfg, "_origins", _Origins("<config>"))
+    vision, text = cfg.model.vision, cfg.model.text
+    if not timm.is_model(vision.arch):
+        close = difflib.get_close_matches(vision.arch, timm.list_models(), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see timm.list_models('vit_*')"
+        raise origins.error("model.vision.arch", f"unknown timm model '{vision.arch}' ({hint})")
+    try:
+        bert = bert_config(text.bert, text.fusion_layer, 0, text.config_overrides)
+    except (OSError, ValueError) as err:
+        raise origins.error("model.text.bert", f"cannot read a BERT config from '{text.bert}' "
+                            f"({' '.join(str(err).split())[:200]})") from None
+    if text.fusion_layer > bert.num_hidden_layers:
+        raise origins.error("model.text.fusion_layer", f"must be <= the BERT's {bert.num_hidden_layers} "
+                            f"layers (got {text.fusion_layer}); lower it or raise "
+                            "model.text.config_overrides.num_hidden_layers")
+    if bert.hidden_size % bert.num_attention_heads:
+        key = "hidden_size" if "hidden_size" in text.config_overrides else "num_attention_heads"
+        raise origins.error(f"model.text.config_overrides.{key}",
+                            f"hidden_size {bert.hidden_size} is not divisible by num_attention_heads "
+                            f"{bert.num_attention_heads}")

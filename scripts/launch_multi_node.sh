@@ -9,6 +9,9 @@ out=${2:?usage: $0 CONFIG OUTPUT_DIR [overrides...]}
 shift 2
 : "${NNODES:?set NNODES to the number of machines}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}"
+# torchrun forwards SIGTERM to the ranks and SIGKILLs them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+# seconds (torch >= 2.12; default 30, older torchrun: a fixed 30): leave time for a full checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 exec torchrun \
   --nnodes="$NNODES" \
   --nproc_per_node="${NPROC:-8}" \

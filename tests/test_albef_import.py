@@ -1,5 +1,6 @@
 """Loading released ALBEF checkpoints: a tiny real one end to end, full-size key manifests."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from albef.models import build_model
 
 torch.set_num_threads(2)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "albef_original"
+# ALBEF_ORIGINAL_DIR: where a worktree (not next to ../shared) finds the reference files
+SHARED = Path(os.environ.get("ALBEF_ORIGINAL_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "albef_original")
 TINY = SHARED / "tiny_albef_pretrain.pth"
 pytestmark = pytest.mark.skipif(
     not TINY.is_file(), reason=f"reference ALBEF files not found in {SHARED} (the tiny ALBEF "

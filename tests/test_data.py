@@ -133,12 +133,32 @@ def image_dir(tmp_path):
     grey16 = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
     assert grey16.mode.startswith("I;16")
     grey16.save(tmp_path / "grey16.png")
+    (tmp_path / "folder.jpg").mkdir()  # open() raises IsADirectoryError
     return tmp_path
+
+
+def test_caption_list_draws_one_caption_per_access_as_albef_or_expands(image_dir):
+    ann = _write_json(image_dir / "lists.json", [{"image": "good.jpg", "caption": ["one", "two", "three", "four"]},
+                                                 {"image": "good.jpg", "caption": "single"}])
+    transform = eval_transform(16, *UNIT)
+    expanded = CaptionDataset(ann, str(image_dir), transform, caption_list="expand")
+    assert [expanded[i]["caption"] for i in range(len(expanded))] == ["one", "two", "three", "four", "single"]
+
+    drawn, again = (CaptionDataset(ann, str(image_dir), transform, seed=3) for _ in range(2))  # the default
+    assert len(drawn) == 2
+    per_epoch = []
+    for epoch in range(8):
+        drawn.set_epoch(epoch)
+        again.set_epoch(epoch)
+        per_epoch.append(drawn[0]["caption"])
+        assert again[0]["caption"] == per_epoch[-1] == drawn[0]["caption"]  # resumable: same draw
+        assert drawn[1]["caption"] == "single"
+    assert set(per_epoch) <= {"one", "two", "three", "four"} and len(set(per_epoch)) > 1
 
 
 def test_each_broken_file_is_counted_and_odd_modes_are_converted(image_dir, tokenizer):
     files = ["good.jpg", "missing.jpg", "zero.jpg", "cut.jpg", "garbage.jpg",
-             "good.jpg", "cmyk.jpg", "palette.png", "la.png", "grey16.png"]
+             "good.jpg", "cmyk.jpg", "palette.png", "la.png", "grey16.png", "folder.jpg"]
     captions = ["a red circle"] * len(files)
     captions[5] = "?!..."
     ann = _write_json(image_dir / "ann.json", [{"image": f, "caption": c} for f, c in zip(files, captions)])
@@ -147,10 +167,11 @@ def test_each_broken_file_is_counted_and_odd_modes_are_converted(image_dir, toke
     reasons = {files[i] if s.reason != "empty_caption" else "caption": s.reason
                for i, s in enumerate(samples) if isinstance(s, BadSample)}
     assert reasons == {"missing.jpg": "missing", "zero.jpg": "empty_file", "cut.jpg": "truncated",
-                       "garbage.jpg": "decode", "caption": "empty_caption"}
+                       "garbage.jpg": "decode", "caption": "empty_caption", "folder.jpg": "unreadable"}
 
     batch = Collator(tokenizer, max_tokens=5)(samples)
-    assert batch["skipped"] == {"missing": 1, "empty_file": 1, "truncated": 1, "decode": 1, "empty_caption": 1}
+    assert batch["skipped"] == {"missing": 1, "empty_file": 1, "truncated": 1, "decode": 1, "empty_caption": 1,
+                                "unreadable": 1}
     assert batch["index"].tolist() == [0, 6, 7, 8, 9]
     assert batch["images"].shape == (5, 3, 16, 16)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (5, 5)
@@ -184,7 +205,8 @@ def test_webdataset_bad_samples_and_truncated_shard(tmp_path, tokenizer):
     whole = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(whole[: len(whole) // 2 + 100])
 
-    stream = webdataset_pipeline([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], eval_transform(16, *UNIT))
+    stream = webdataset_pipeline([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], eval_transform(16, *UNIT),
+                                 caption_list="expand")
     samples = list(stream)
     bad = sorted(s.reason for s in samples if isinstance(s, BadSample))
     assert bad == ["decode", "empty_caption", "encoding", "truncated_shard"]

@@ -118,6 +118,23 @@ def test_a_file_of_another_model_fails_in_one_line(tmp_path, bert_l12):
     assert "\n" not in str(err.value)
 
 
+def test_init_from_reads_the_model_of_a_dcp_checkpoint(tmp_path):
+    """An FSDP run's `.dcp` directory seeds a run directly (no conversion to one file)."""
+    from albef.engine.fsdp import save_dcp_checkpoint
+    from albef.engine.optim import build_optimizer
+    from albef.models import build_model
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    path = save_dcp_checkpoint(model, optimizer, {"train_state": {}}, tmp_path / "ckpt", 3, keep_last=2)
+    state = read_model_state(path)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert read_model_state(tmp_path / "ckpt").keys() == state.keys()  # the checkpoints dir: its newest
+
+
 # ----------------------------------------------------------------------------- end to end on the engine
 
 

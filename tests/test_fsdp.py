@@ -142,12 +142,13 @@ def test_fp16_with_fsdp_is_a_config_error(tmp_path):
 
 
 def fake_dcp(ckpt_dir: Path, step: int, complete: bool = True) -> Path:
-    """A .dcp directory as the engine writes it (shard files are not read by these tests)."""
+    """A .dcp directory as the engine writes it, holding one small tensor."""
+    import torch.distributed.checkpoint as dcp
+
     tmp = tmp_checkpoint_dir(ckpt_dir, step)
-    tmp.mkdir(parents=True)
-    (tmp / "__0_0.distcp").write_bytes(b"shard")
-    if complete:
-        (tmp / ".metadata").write_bytes(b"metadata")
+    dcp.save({"w": torch.zeros(2)}, checkpoint_id=tmp)
+    if not complete:
+        (tmp / ".metadata").unlink()
     return publish_checkpoint_dir(tmp, {"train_state": {"step": step}}, ckpt_dir, step, keep_last=2)
 
 

@@ -1,6 +1,7 @@
 """The ALBEF pretraining model: outputs, loss switches, ITC ce/kl, momentum, queue, negatives, MLM."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from albef.models.vision import build_vision_encoder
 from conftest import TOKENS, make_batch, make_model, tiny_config, write_tiny_bert
 
 torch.set_num_threads(2)
-ALBEF_ORIGINAL = Path(__file__).resolve().parents[2] / "shared" / "albef_original"
+ALBEF_ORIGINAL = Path(os.environ.get("ALBEF_ORIGINAL_DIR") or Path(__file__).resolve().parents[2] / "shared" / "albef_original")
 EXPECTED_KEYS = {"loss", "loss_itc", "loss_itm", "loss_mlm", "itc_ce", "itc_kl", "itc_entropy", "queue_update"}
 
 
@@ -130,20 +131,29 @@ def test_itm_survives_batches_without_valid_negatives(tmp_path, batch_size, samp
     out["loss"].backward()
 
 
-def test_mlm_never_masks_special_tokens():
+@pytest.mark.parametrize("mask_sep", [True, False])
+def test_mlm_never_masks_special_tokens(mask_sep):
+    """ALBEF never masks [PAD] and [CLS] but masks [SEP] like a word; mask_sep=False spares it too."""
     torch.manual_seed(0)
     ids = torch.randint(5, 48, (64, 20))
     ids[:, 0], ids[:, 12], ids[:, 13:] = TOKENS.cls, TOKENS.sep, TOKENS.pad
-    masked, labels = mask_tokens(ids, 1.0, TOKENS, vocab_size=48)
-    special = torch.isin(ids, torch.tensor([TOKENS.pad, TOKENS.cls, TOKENS.sep]))
+    masked, labels = mask_tokens(ids, 1.0, TOKENS, vocab_size=48, mask_sep=mask_sep)
+    special = torch.isin(ids, torch.tensor([TOKENS.pad, TOKENS.cls] + ([] if mask_sep else [TOKENS.sep])))
     assert torch.equal(masked[special], ids[special]) and (labels[special] == -100).all()
     assert torch.equal(labels[~special], ids[~special])
+    assert (labels[:, 12] == TOKENS.sep).all() == mask_sep
     share_mask = (masked[~special] == TOKENS.mask).float().mean()
     share_kept = (masked[~special] == ids[~special]).float().mean()
     assert 0.75 < share_mask < 0.85 and 0.07 < share_kept < 0.15
-    masked, labels = mask_tokens(ids, 0.15, TOKENS, vocab_size=48)
+    masked, labels = mask_tokens(ids, 0.15, TOKENS, vocab_size=48, mask_sep=mask_sep)
     assert 0.1 < (labels != -100).float().sum() / (~special).sum() < 0.2
     assert torch.equal(masked[labels == -100], ids[labels == -100])
+
+
+def test_model_masks_sep_by_config(tmp_path):
+    assert make_model(tmp_path).never_masked.tolist() == [TOKENS.pad, TOKENS.cls]
+    assert make_model(tmp_path, mlm_mask_sep=False).never_masked.tolist() == [TOKENS.pad, TOKENS.cls, TOKENS.sep]
+    assert "never_masked" not in make_model(tmp_path).state_dict()
 
 
 def test_encoders_and_itm_score(tmp_path):

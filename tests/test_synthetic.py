@@ -68,9 +68,13 @@ def _by_id(samples):
 
 def test_json_and_webdataset_read_the_same_samples(corpus):
     transform = eval_transform(32, [0.5] * 3, [0.5] * 3)
-    from_json = _by_id(CaptionDataset(corpus["train"], corpus["image_root"], transform, max_words=30))
-    from_wds = _by_id(webdataset_pipeline(corpus["shards"], transform, max_words=30))
+    from_json = _by_id(CaptionDataset(corpus["train"], corpus["image_root"], transform, max_words=30,
+                                      caption_list="expand"))
+    from_wds = _by_id(webdataset_pipeline(corpus["shards"], transform, max_words=30, caption_list="expand"))
     assert sorted(from_json) == sorted(from_wds) == list(range(40))
+    drawn = _by_id(webdataset_pipeline(corpus["shards"], transform, max_words=30))  # ALBEF: one drawn
+    assert sorted(drawn) == list(range(40))
+    assert all(len(d["captions"]) == 1 and d["captions"][0] in from_json[i]["captions"] for i, d in drawn.items())
     for image_id, expected in from_json.items():
         got = from_wds[image_id]
         assert sorted(got["captions"]) == sorted(expected["captions"])

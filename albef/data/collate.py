@@ -1,7 +1,8 @@
 """Tokenising collate, run inside the DataLoader workers.
 
 Returns the batch of docs/DESIGN.md: ``images`` float [B,3,H,W]; ``input_ids`` and
-``attention_mask`` long [B,L] (padded to the longest caption, at most `max_tokens`); ``ids`` long
+``attention_mask`` long [B,L] (padded to the longest caption, at most `max_tokens`; to exactly
+`max_tokens` with `pad_to_max`, so that every batch has the same shape); ``ids`` long
 [B] image ids; ``index`` long [B] dataset indices; ``skipped`` {reason: count} for the `BadSample`
 markers dropped from this batch. B may be smaller than the batch size, and 0 when every sample
 was bad (then ``images`` is empty and L is 0): the engine counts ``skipped`` and skips the step.
@@ -20,9 +21,10 @@ logger = logging.getLogger(__name__)
 class Collator:
     """Picklable ``collate_fn``: drop bad samples, tokenise captions, stack images."""
 
-    def __init__(self, tokenizer, max_tokens: int) -> None:
+    def __init__(self, tokenizer, max_tokens: int, pad_to_max: bool = False) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        self.pad_to_max = pad_to_max
 
     def __call__(self, samples: Sequence[dict | BadSample]) -> dict:
         good = [s for s in samples if not isinstance(s, BadSample)]
@@ -39,7 +41,7 @@ class Collator:
             return {"images": torch.zeros(0, 3, 0, 0), "input_ids": empty, "attention_mask": empty, **batch}
         text = self.tokenizer(
             [s["caption"] for s in good],
-            padding="longest",
+            padding="max_length" if self.pad_to_max else "longest",
             truncation=True,
             max_length=self.max_tokens,
             return_tensors="pt",

@@ -124,8 +124,8 @@ def read_image(path: str) -> Image.Image:
     try:
         with open(path, "rb") as fp:
             return _decode(fp, path)
-    except PermissionError as exn:
-        raise SampleError("unreadable", f"{path}: {exn}") from exn
+    except OSError as exn:  # a directory, no permission, an I/O error: this sample's problem
+        raise SampleError("unreadable", f"{path}: {exn.strerror or exn}") from exn
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
@@ -188,7 +188,7 @@ def _read_json(path: str) -> Any:
         with open(path, encoding="utf-8") as fp:
             return json.load(fp)
     except FileNotFoundError as exn:
-        raise AnnotationError(f"{path}: annotation file not found (check data.train_files / eval.files)") from exn
+        raise AnnotationError(f"{path}: annotation file not found (check data.train_files / eval.val_files / eval.test_files)") from exn
     except UnicodeDecodeError as exn:
         raise AnnotationError(f"{path}: not UTF-8 text at byte {exn.start}; re-encode the file as UTF-8") from exn
     except json.JSONDecodeError as exn:
@@ -214,33 +214,62 @@ def _check_entry(entry: Any, path: str, i: int) -> list[str]:
     return captions
 
 
-def load_annotations(files: str | Sequence[str]) -> list[dict]:
+def _read_entries(path: str) -> list[tuple[dict, list[str]]]:
+    """(entry, its captions) for every entry of one annotation file, validated."""
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    return [(entry, _check_entry(entry, path, i)) for i, entry in enumerate(data)]
+
+
+def check_annotation_file(path: str) -> None:
+    """Raise `AnnotationError` (one line naming the file and entry) unless `path` is a valid
+    ALBEF annotation file; reads no image."""
+    _read_entries(path)
+
+
+def load_annotations(files: str | Sequence[str], expand: bool = True) -> list[dict]:
     """Read ALBEF annotation files into one flat list of ``{image, caption, id}`` samples.
 
     Each entry is ``{"image": path, "caption": str | [str, ...], "image_id"?: int | str}``; a
-    caption list gives one sample per caption, all sharing the image's id. Ids are consecutive
-    integers from 0, in order of first appearance: one per (file, image_id), or per image path
-    for entries without an image_id. So ids of different files never collide, and no id is
-    negative (negative ids mark the feature queue's empty or unknown slots).
+    caption list gives one sample per caption, all sharing the image's id (with `expand=False`
+    one sample per entry, whose ``caption`` stays the list). Ids are consecutive integers from
+    0, in order of first appearance: one per (file, image_id), or per image path for entries
+    without an image_id. So ids of different files never collide, and no id is negative
+    (negative ids mark the feature queue's empty or unknown slots).
     """
     files = [files] if isinstance(files, str) else list(files)
     ids: dict[tuple, int] = {}
     samples = []
     for path in files:
-        data = _read_json(path)
-        if not isinstance(data, list):
-            raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
-        for i, entry in enumerate(data):
-            captions = _check_entry(entry, path, i)
+        for entry, captions in _read_entries(path):
             image_id = entry.get("image_id")
             key = ("path", entry["image"]) if image_id is None else ("id", path, image_id)
             sample_id = ids.setdefault(key, len(ids))
-            samples += [{"image": entry["image"], "caption": caption, "id": sample_id} for caption in captions]
+            if expand or isinstance(entry["caption"], str):
+                samples += [{"image": entry["image"], "caption": caption, "id": sample_id} for caption in captions]
+            else:
+                samples.append({"image": entry["image"], "caption": captions, "id": sample_id})
     return samples
 
 
+CAPTION_LIST_MODES = ("random", "expand")
+
+
+def pick_caption(captions: Sequence[str], seed: int, epoch: int, index: int) -> tuple[int, str]:
+    """(number, caption): ALBEF's random choice of one caption per access, drawn from
+    (seed, epoch, index) so that a resumed run draws the same."""
+    number = random.Random(sample_seed(seed, epoch, index)).randrange(len(captions))
+    return number, captions[number]
+
+
 class CaptionDataset(Dataset):
-    """ALBEF JSON annotations over image files (data.format=json)."""
+    """ALBEF JSON annotations over image files (data.format=json).
+
+    `caption_list` (data.caption_list) says what an entry with a list of captions becomes:
+    'random', one sample whose caption is drawn per access (per epoch) as ALBEF's pretraining
+    dataset does, or 'expand', one sample per caption.
+    """
 
     def __init__(
         self,
@@ -249,8 +278,11 @@ class CaptionDataset(Dataset):
         transform: Callable,
         max_words: int = 30,
         seed: int = 0,
+        caption_list: str = "random",
     ) -> None:
-        self.samples = load_annotations(files)
+        if caption_list not in CAPTION_LIST_MODES:
+            raise ValueError(f"caption_list must be one of {CAPTION_LIST_MODES} (got {caption_list!r})")
+        self.samples = load_annotations(files, expand=caption_list == "expand")
         self.image_root = image_root
         self.transform = transform
         self.max_words = max_words
@@ -270,9 +302,12 @@ class CaptionDataset(Dataset):
             image = read_image(path)
         except SampleError as exn:
             image = exn
+        epoch, caption = self.epoch.get(), ann["caption"]
+        if not isinstance(caption, str):
+            caption = pick_caption(caption, self.seed, epoch, index)[1]
         return make_sample(
-            image, ann["caption"], ann["id"], index, self.transform,
-            self.max_words, self.seed, self.epoch.get(), path,
+            image, caption, ann["id"], index, self.transform,
+            self.max_words, self.seed, epoch, path,
         )
 
 
@@ -345,7 +380,11 @@ class ShardStream(IterableDataset):
         max_words: int = 30,
         seed: int = 0,
         num_samples: int | None = None,
+        caption_list: str = "random",
     ) -> None:
+        if caption_list not in CAPTION_LIST_MODES:
+            raise ValueError(f"caption_list must be one of {CAPTION_LIST_MODES} (got {caption_list!r})")
+        self.caption_list = caption_list
         self.urls = list(urls)
         self.transform = transform
         self.max_words = max_words
@@ -387,7 +426,10 @@ class ShardStream(IterableDataset):
             image = decode_image(data, key)
         except SampleError as exn:
             image = exn
-        for number, caption in enumerate(captions):
+        numbered = enumerate(captions)
+        if self.caption_list == "random" and len(captions) > 1:
+            numbered = [pick_caption(captions, self.seed, epoch, stable_index(key, 0))]
+        for number, caption in numbered:
             yield make_sample(
                 image, caption, sample_id, stable_index(key, number), self.transform,
                 self.max_words, self.seed, epoch, key,
@@ -416,6 +458,7 @@ def webdataset_pipeline(
     max_words: int = 30,
     seed: int = 0,
     num_samples: int | None = None,
+    caption_list: str = "random",
 ) -> ShardStream:
     """A `ShardStream` over a brace pattern or list of shard urls.
 
@@ -424,13 +467,21 @@ def webdataset_pipeline(
     list repeats and each worker yields ``num_samples / (world_size * num_workers)`` samples, so
     all ranks run the same number of steps; without it each worker makes one pass over its shards.
     """
+    return ShardStream(shard_urls(shards), transform, max_words, seed, num_samples, caption_list)
+
+
+def shard_urls(shards: str | Sequence[str]) -> list[str]:
+    """The shard urls of a brace pattern (`data/cc3m-{000000..000331}.tar`) or list; raises
+    FileNotFoundError naming the first local shard that does not exist (remote urls and `pipe:`
+    commands are not checked)."""
     urls = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else list(shards)
     if not urls:
-        raise FileNotFoundError(f"data.shards={shards!r} matches no shards")
-    for url in urls:
-        if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
-            raise FileNotFoundError(f"shard {url} not found (check data.shards)")
-    return ShardStream(urls, transform, max_words, seed, num_samples)
+        raise FileNotFoundError(f"'{shards}' matches no shards")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"shard file not found: '{missing[0]}' ({len(missing)} of {len(urls)} "
+                                f"shards missing, relative to {os.getcwd()})")
+    return urls
 
 
 # ----------------------------------------------------------------------------- accounting

@@ -13,6 +13,16 @@ retrieval is learnable by a small model in minutes. `generate_corpus` writes::
 
 Both train formats give the same samples: train image i has id i either way. Deterministic for a
 seed. CLI: ``python -m albef.data.synthetic --out demo_data``.
+
+`generate_reasoning_sets` writes small visual-reasoning sets from two-shape scenes, in the
+formats of albef/data/reasoning.py, with sentences in the corpus vocabulary::
+
+    out_dir/ve_{train,val,test}.json      "a red square to the left of a blue circle" about one
+                                          scene: entailment (true) or contradiction (the relation
+                                          reversed, one object or both objects not there)
+    out_dir/nlvr_{train,val,test}.json    one such sentence and two scenes: true iff it holds
+                                          in both (false: it fails in one or both)
+    out_dir/images/{ve,nlvr}_*.jpg
 """
 import argparse
 import io
@@ -201,6 +211,7 @@ def generate_corpus(
     seed: int = 0,
     captions_per_image: int = 2,
     shard_size: int = 500,
+    num_val: int = 200,
 ) -> dict[str, str]:
     """Write the demo corpus under `out_dir`; returns the paths to put in the config."""
     most = min(len(SINGLE_TEMPLATES), *(len(t) for t in PAIR_TEMPLATES.values()))
@@ -212,15 +223,154 @@ def generate_corpus(
     rng = random.Random(seed)
     _write_split(out_dir, "train", num_train, image_size, rng, captions_per_image, shard_size)
     _write_split(out_dir, "test", num_test, image_size, rng, captions_per_image, None)
+    _write_split(out_dir, "val", num_val, image_size, rng, captions_per_image, None)  # model selection
     write_bert_dir(os.path.join(out_dir, "bert"))
     last = (num_train - 1) // shard_size
     return {
         "image_root": out_dir,
         "train": os.path.join(out_dir, "train.json"),
         "test": os.path.join(out_dir, "test.json"),
+        "val": os.path.join(out_dir, "val.json"),
         "shards": os.path.join(out_dir, "shards", f"train-{{000000..{last:06d}}}.tar"),
         "bert": os.path.join(out_dir, "bert"),
     }
+
+
+# ----------------------------------------------------------------------------- reasoning sets
+
+RELATION_TEMPLATES = {  # every word is in `vocabulary()`; {x}1 is left of / above {x}2
+    "horizontal": (
+        "a {color1} {shape1} to the left of a {color2} {shape2}",
+        "a {color2} {shape2} to the right of a {color1} {shape1}",
+        "a {color1} {shape1} on the left and a {color2} {shape2} on the right",
+    ),
+    "vertical": (
+        "a {color1} {shape1} above a {color2} {shape2}",
+        "a {color2} {shape2} below a {color1} {shape1}",
+        "a {color1} {shape1} at the top and a {color2} {shape2} at the bottom",
+    ),
+}
+_SLOTS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """'(color1 shape1) is left of / above (color2 shape2)'."""
+
+    layout: str
+    first: tuple[str, str]  # (color, shape)
+    second: tuple[str, str]
+
+    def sentence(self, rng: random.Random) -> str:
+        fields = dict(color1=self.first[0], shape1=self.first[1], color2=self.second[0], shape2=self.second[1])
+        return _articles(rng.choice(RELATION_TEMPLATES[self.layout]).format(**fields))
+
+    def holds(self, shapes: list[Shape], layout: str) -> bool:
+        """True when the scene (two shapes in `layout`, first slot first) shows the claim."""
+        return layout == self.layout and [(s.color, s.shape) for s in shapes] == [self.first, self.second]
+
+
+def _random_object(rng: random.Random, other: tuple[str, str] | None = None) -> tuple[str, str]:
+    while True:
+        obj = (rng.choice(list(COLORS)), rng.choice(SHAPES))
+        if obj != other:
+            return obj
+
+
+def _scene_of(rng: random.Random, layout: str, first: tuple[str, str], second: tuple[str, str]):
+    """(background, shapes) with `first` in the first slot of `layout` and `second` in the other."""
+    shapes = []
+    for (color, shape), slot in zip((first, second), _SLOTS[layout]):
+        x, y = POSITIONS[slot]
+        center = (x + rng.uniform(-0.02, 0.02), y + rng.uniform(-0.02, 0.02))
+        shapes.append(Shape(shape, color, rng.choice(list(SIZES)), center))
+    return rng.choice(list(BACKGROUNDS)), shapes
+
+
+def _false_scene(rng: random.Random, claim: Claim):
+    """A two-shape scene where `claim` does not hold, one of three kinds equally often: the
+    relation reversed (same objects), one object with another colour or shape, or two other
+    objects. Returns (layout, background, shapes)."""
+    kind = rng.choice(("reversed", "one object", "other objects"))
+    first, second = claim.first, claim.second
+    if kind == "reversed":
+        first, second = second, first
+    elif kind == "other objects":
+        first = _changed(rng, first, second)
+        second = _changed(rng, second, first)
+    elif rng.random() < 0.5:
+        first = _changed(rng, first, second)
+    else:
+        second = _changed(rng, second, first)
+    return claim.layout, *_scene_of(rng, claim.layout, first, second)
+
+
+def _changed(rng: random.Random, obj: tuple[str, str], other: tuple[str, str]) -> tuple[str, str]:
+    """`obj` with its colour or its shape changed (never equal to `other`)."""
+    while True:
+        new = (rng.choice(list(COLORS)), obj[1]) if rng.random() < 0.5 else (obj[0], rng.choice(SHAPES))
+        if new not in (obj, other):
+            return new
+
+
+def _random_claim(rng: random.Random) -> Claim:
+    first = _random_object(rng)
+    return Claim(rng.choice(list(RELATION_TEMPLATES)), first, _random_object(rng, first))
+
+
+def _save(image: Image.Image, out_dir: str, path: str) -> str:
+    with open(os.path.join(out_dir, path), "wb") as fp:
+        fp.write(_jpeg(image))
+    return path
+
+
+def _ve_split(out_dir: str, split: str, count: int, side: int, rng: random.Random) -> list[dict]:
+    entries = []
+    for i in range(count):
+        claim = _random_claim(rng)
+        entailed = rng.random() < 0.5
+        if entailed:
+            background, shapes = _scene_of(rng, claim.layout, claim.first, claim.second)
+        else:
+            _, background, shapes = _false_scene(rng, claim)
+        path = _save(render(background, shapes, side), out_dir, f"images/ve_{split}_{i:06d}.jpg")
+        label = "entailment" if entailed else "contradiction"
+        entries.append({"image": path, "sentence": claim.sentence(rng), "label": label})
+    return entries
+
+
+def _nlvr_split(out_dir: str, split: str, count: int, side: int, rng: random.Random) -> list[dict]:
+    entries = []
+    for i in range(count):
+        claim = _random_claim(rng)
+        label = rng.random() < 0.5
+        # False: the claim fails in image 0, image 1 or both (each equally likely).
+        fails = (False, False) if label else rng.choice(((True, False), (False, True), (True, True)))
+        paths = []
+        for number, fail in enumerate(fails):
+            if fail:
+                _, background, shapes = _false_scene(rng, claim)
+            else:
+                background, shapes = _scene_of(rng, claim.layout, claim.first, claim.second)
+            paths.append(_save(render(background, shapes, side), out_dir, f"images/nlvr_{split}_{i:06d}_{number}.jpg"))
+        entries.append({"images": paths, "sentence": claim.sentence(rng), "label": label})
+    return entries
+
+
+def generate_reasoning_sets(
+    out_dir: str, num_train: int = 2000, num_val: int = 200, num_test: int = 200, image_size: int = 64, seed: int = 1
+) -> dict[str, str]:
+    """Write the VE and NLVR2 demo sets under `out_dir`; returns their annotation paths
+    (``ve_train``, ``ve_val``, ``ve_test``, ``nlvr_train``, ...) and ``image_root``."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    paths = {"image_root": out_dir}
+    for task, make in (("ve", _ve_split), ("nlvr", _nlvr_split)):
+        for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+            entries = make(out_dir, split, count, image_size, rng)
+            paths[f"{task}_{split}"] = os.path.join(out_dir, f"{task}_{split}.json")
+            with open(paths[f"{task}_{split}"], "w", encoding="utf-8") as fp:
+                json.dump(entries, fp, indent=0)
 
 
 # ----------------------------------------------------------------------------- VQA set (albef-vqa demo)
@@ -289,18 +439,116 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-per-image", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reasoning", action="store_true",
+                        help="write the VE / NLVR2 sets (num-train, num-test each, val = test size) instead")
     parser.add_argument("--vqa", action="store_true",
                         help="write the VQA set of --num-train/--num-test new scenes instead (generate_vqa_set)")
     args = parser.parse_args(argv)
-    if args.vqa:
+    if args.reasoning:
+        paths = generate_reasoning_sets(
+            args.out, args.num_train, args.num_test, args.num_test, args.image_size, args.seed)
+    elif args.vqa:
         paths = generate_vqa_set(args.out, args.num_train, args.num_test, args.image_size, args.seed + 1)
     else:
         paths = generate_corpus(
             args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image,
-            args.shard_size
-        )
+            args.shard_size)
     print(json.dumps(paths, indent=2))
 
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- grounding set
+
+GROUNDING_TEMPLATES = (
+    "the {color} {shape}",
+    "a {color} {shape}",
+    "the {size} {color} {shape}",
+    "the {shape} colored {color}",
+)
+GROUNDING_CORNERS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))  # never overlap at any size
+
+
+def shape_box(item: Shape, side: int) -> list[int]:
+    """Pixel box [x, y, w, h] of the drawn shape (its non-background pixels)."""
+    mask = Image.new("RGB", (side, side), (0, 0, 0))
+    draw_shape(ImageDraw.Draw(mask), item, side)
+    x0, y0, x1, y1 = mask.getbbox()
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def grounding_scene(rng: random.Random, num_shapes: int) -> tuple[str, list[Shape]]:
+    """A background and `num_shapes` shapes in distinct corners, no two sharing a colour or a
+    shape, so "the <colour> <shape>" names exactly one of them."""
+    corners = rng.sample(GROUNDING_CORNERS, num_shapes)
+    shapes = rng.sample(SHAPES, num_shapes)
+    colors = rng.sample(list(COLORS), num_shapes)
+    items = [Shape(s, c, rng.choice(list(SIZES)), corner) for s, c, corner in zip(shapes, colors, corners)]
+    return rng.choice(list(BACKGROUNDS)), items
+
+
+def _write_grounding_split(out_dir, split, count, side, rng, shapes_per_image, refs, dets, ref_id):
+    """Scenes of one split: one reference per shape; boxes of every shape go to `dets`."""
+    for i in range(count):
+        background, items = grounding_scene(rng, shapes_per_image)
+        path = f"images/{split}_{i:06d}.jpg"
+        render(background, items, side).save(os.path.join(out_dir, path), quality=95)
+        image_id = f"{split}_{i:06d}"
+        boxes = [shape_box(item, side) for item in items]
+        dets[image_id] = boxes
+        for item, box in zip(items, boxes):
+            text = _articles(rng.choice(GROUNDING_TEMPLATES).format(color=item.color, shape=item.shape, size=item.size))
+            refs.append({"image": path, "text": text, "ref_id": ref_id, "image_id": image_id, "bbox": box,
+                         "split": split})
+            ref_id += 1
+    return ref_id
+
+
+def generate_grounding_set(
+    out_dir: str,
+    num_train: int = 1000,
+    num_val: int = 100,
+    num_test: int = 100,
+    image_size: int = 64,
+    seed: int = 0,
+) -> dict[str, str]:
+    """A tiny RefCOCO+-style grounding set of demo scenes, in ALBEF's grounding layout::
+
+        out_dir/images/{train,val,testA,testB}_NNNNNN.jpg
+        out_dir/train.json   [{image, text, ref_id}]   one expression per shape ("the red circle")
+        out_dir/val.json     [{image, text, ref_id, image_id, bbox, split}]   split val
+        out_dir/test.json    the same for splits testA (2 shapes per scene) and testB (3 shapes)
+        out_dir/dets.json    {image_id: [[x, y, w, h], ...]}: the box of every shape in the image
+        out_dir/bert/        the demo vocabulary (the same as the demo corpus's)
+
+    Train and val scenes have 2 or 3 shapes; a random box pick is right 1/2 or 1/3 of the time.
+    Returns the paths to put in the config.
+    """
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    dets: dict[str, list[list[int]]] = {}
+    files, ref_id = {}, 0
+    for name, parts in (
+        ("train", [("train", num_train // 2, 2), ("train", num_train - num_train // 2, 3)]),
+        ("val", [("val", num_val // 2, 2), ("val", num_val - num_val // 2, 3)]),
+        ("test", [("testA", num_test // 2, 2), ("testB", num_test - num_test // 2, 3)]),
+    ):
+        refs: list[dict] = []
+        for n, (split, count, shapes_per_image) in enumerate(parts):
+            tag = f"{split}{n}" if split in ("train", "val") else split  # image names of the two halves differ
+            start = len(refs)
+            ref_id = _write_grounding_split(out_dir, tag, count, image_size, rng, shapes_per_image, refs, dets, ref_id)
+            for ref in refs[start:]:
+                ref["split"] = split
+        if name == "train":
+            refs = [{"image": r["image"], "text": r["text"], "ref_id": r["ref_id"]} for r in refs]
+        files[name] = os.path.join(out_dir, f"{name}.json")
+        with open(files[name], "w", encoding="utf-8") as fp:
+            json.dump(refs, fp, indent=0)
+    with open(os.path.join(out_dir, "dets.json"), "w", encoding="utf-8") as fp:
+        json.dump(dets, fp)
+    write_bert_dir(os.path.join(out_dir, "bert"))
+    return {"image_root": out_dir, **files, "dets": os.path.join(out_dir, "dets.json"),
+            "bert": os.path.join(out_dir, "bert")}

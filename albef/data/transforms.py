@@ -65,9 +65,18 @@ def train_transform(
     crop_scale: Sequence[float] = (0.2, 1.0),
     randaugment: bool = True,
     hflip: bool = True,
+    crop: bool = True,
 ) -> v2.Compose:
-    """ALBEF pretraining augmentation for RGB PIL images -> normalized float tensor [3, S, S]."""
-    steps = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)]
+    """ALBEF pretraining augmentation for RGB PIL images -> normalized float tensor [3, S, S].
+
+    `crop=False` resizes the whole image to S x S instead of a random resized crop (ALBEF's
+    grounding training, whose expressions may name any part of the image).
+    """
+    if crop:
+        first = v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)
+    else:
+        first = v2.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)
+    steps = [first]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if randaugment:

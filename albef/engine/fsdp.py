@@ -32,8 +32,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from albef.checkpoint import (DCP_TRAINER_STATE, CheckpointError, load_checkpoint_file, publish_checkpoint_dir,
-                              tmp_checkpoint_dir)
+from albef.checkpoint import (DCP_TRAINER_STATE, CheckpointError, check_dcp_directory, load_checkpoint_file,
+                              load_dcp_state, publish_checkpoint_dir, tmp_checkpoint_dir)
 from albef.models.bert import BertEncoder
 
 __all__ = [
@@ -141,13 +141,16 @@ def save_dcp_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, trai
 
 def load_dcp_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load a `.dcp` checkpoint into `model` and `optimizer` (sharded or not, any world size);
-    returns its trainer state. Every rank calls it."""
+    returns its trainer state. Every rank calls it; nothing stored in the directory runs."""
+    check_dcp_directory(path)  # a refused file stops here, before DCP reads anything
     trainer_state = load_checkpoint_file(path / DCP_TRAINER_STATE)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     try:
-        dcp.load(state, checkpoint_id=path)
+        load_dcp_state(state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"{path}: cannot load into this model ({type(err).__name__}: "
                               f"{str(err).strip().splitlines()[0]}); check the model sizes in the "

@@ -3,8 +3,9 @@
 A `Task` supplies the model, the data and a step function returning a dict of losses; `train`
 does the rest: DDP wrapping, autocast, gradient accumulation (EMA + enqueue once per optimizer
 step), clipping, non-finite skips, lr/alpha schedules, logging, checkpoints, exact resume and
-preemption. Each step costs one host synchronisation: a small all_reduce(MAX) of
-[non-finite flag per loss term, non-finite grad norm, preemption requested].
+preemption. Each step costs one host synchronisation: a small all_reduce(SUM) of
+[non-finite flag per loss term, non-finite grad norm, preemption requested, the step's logged
+scalars], so flags reach every rank and the logged loss terms are means over all ranks.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from albef.checkpoint import (LoadReport, checkpoint_dir, is_dcp_checkpoint, load_checkpoint_file, load_pretrained,
-                              load_training_state, load_weights, read_model_state, resolve_resume, save_checkpoint,
-                              save_pretrained)
+from albef.checkpoint import (CheckpointError, LoadReport, checkpoint_dir, checkpoint_step, is_dcp_checkpoint,
+                              load_checkpoint_file, load_pretrained, load_training_state, load_weights,
+                              read_model_state, resolve_resume, save_checkpoint, save_pretrained)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.dist import DistInfo
@@ -163,6 +164,42 @@ class PreemptionFlag:
         self._previous = {}
 
 
+def check_same_resume_point(path: Path | None, world_size: int) -> None:
+    """Each rank resolves --resume on its own (`auto` reads its own output_dir, which may be
+    node-local): stop in one line unless every rank resumes the same step (a collective)."""
+    if world_size == 1:
+        return
+    step = checkpoint_step(path) if path is not None else None
+    point = "a fresh start" if path is None else f"step {step}" if step is not None else path.name
+    points = gather_objects(point, world_size)
+    if len(set(points)) > 1:
+        ranks: dict[str, list[int]] = {}
+        for rank, p in enumerate(points):
+            ranks.setdefault(p, []).append(rank)
+        views = "; ".join(f"rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))}: {p}" for p, r in ranks.items())
+        raise CheckpointError(f"ranks disagree on where to resume ({views}): every rank must see the same "
+                              "checkpoints (a shared output_dir) or be given the same --resume PATH")
+
+
+def data_layout(cfg: Config, dist: DistInfo) -> dict[str, int]:
+    """What a WebDataset stream's position depends on; stored in every checkpoint."""
+    return {"world_size": dist.world_size, "num_workers": cfg.data.num_workers}
+
+
+def check_data_layout(saved: dict[str, int] | None, cfg: Config, dist: DistInfo, consumed: int) -> None:
+    """A WebDataset stream resumed mid-epoch can only be positioned at the world size and worker
+    count that consumed it; raise ConfigError (one line) otherwise."""
+    if cfg.data.format != "wds" or not consumed or not saved:
+        return
+    now = data_layout(cfg, dist)
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"data.format=wds: this checkpoint is {consumed} samples into an epoch, read at another layout "
+            f"({', '.join(changed)}); a shard stream cannot be repositioned: resume with the same number of "
+            "processes and data.num_workers, or from a checkpoint at an epoch end")
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -200,9 +237,12 @@ class Trainer:
             save_config(cfg, str(self.output_dir / "config.yaml"))
 
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        if self.device.type == "cuda":  # fp32 matmuls (fp32 runs, fp32 parts of bf16 runs) may use TF32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed)  # identical initial weights and queues on every rank
         self.model = task.build_model(cfg)
         resume_path = resolve_resume(resume, cfg.output_dir) if resume else None
+        check_same_resume_point(resume_path, dist.world_size)  # every rank, before any weights load
         init_from = init_from or cfg.model.init_checkpoint
         if resume_path is None and init_from:  # a resumable checkpoint of this run takes precedence
             init_weights(task, self.model, init_from, cfg)
@@ -249,6 +289,7 @@ class Trainer:
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(**checkpoint["train_state"])
+        check_data_layout(checkpoint.get("data_layout"), self.cfg, self.dist, self.state.consumed)
         if self.is_main:  # run totals live on rank 0; the other ranks count from zero
             self.skips.load_state_dict(checkpoint["skips"])
             print(f"resumed from {path} (epoch {self.state.epoch}, step {self.state.step})", flush=True)
@@ -343,7 +384,9 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
         terms = sorted(k for k, v in (outputs[0] if outputs else {}).items() if k.startswith("loss"))
-        bad_terms, bad_grad, preempted = self._agree(outputs, terms, grad_norm)
+        local = {k: sum(o[k].detach().float() for o in outputs) / len(outputs) for k, v in outputs[0].items()
+                 if torch.is_tensor(v) and v.ndim == 0} if outputs else {}
+        bad_terms, bad_grad, preempted, means = self._agree(outputs, terms, grad_norm, local)
 
         scalars: dict[str, torch.Tensor] = {}
         if bad_terms or bad_grad:
@@ -359,9 +402,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.task.after_optimizer_step(self.model, outputs)
             self.consecutive_nonfinite = 0
-            scalars = {k: sum(o[k].detach() for o in outputs) / len(outputs) for k, v in outputs[0].items()
-                       if torch.is_tensor(v) and v.ndim == 0}
-            scalars["grad_norm"] = grad_norm
+            scalars = {**means, "grad_norm": grad_norm}
         self.logger.update(scalars, images * self.dist.world_size, data_wait)
         self.state.step += 1
 
@@ -385,18 +426,23 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
-    def _agree(self, outputs: list[dict[str, Any]], terms: list[str],
-               grad_norm: torch.Tensor) -> tuple[list[str], bool, bool]:
-        """The step's single sync: every rank learns (non-finite terms, non-finite grads, preempt)."""
+    def _agree(self, outputs: list[dict[str, Any]], terms: list[str], grad_norm: torch.Tensor,
+               local: dict[str, torch.Tensor]) -> tuple[list[str], bool, bool, dict[str, torch.Tensor]]:
+        """The step's single sync: every rank learns (non-finite terms, non-finite grads, preempt)
+        and the means over ranks of this step's `local` scalars (rank means of its micro-batches;
+        every rank has the same names). Flags are 0/1 and summed: a sum > 0 means some rank set it."""
         flags = [~torch.isfinite(sum(o[k].detach().float() for o in outputs)) for k in terms]
         flags.append(~torch.isfinite(grad_norm.float()))
         flags.append(torch.tensor(self.preemption.requested, device=self.device))
-        flags = torch.stack(flags).float()
+        names = sorted(local)
+        packed = torch.cat([torch.stack(flags).float(), torch.stack([local[n] for n in names]).float()
+                            if names else torch.zeros(0, device=self.device)])
         if self.dist.world_size > 1:
-            torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
-        values = flags.tolist()
+            torch_dist.all_reduce(packed, op=torch_dist.ReduceOp.SUM)
+        values = packed[:len(flags)].tolist()
+        means = dict(zip(names, (packed[len(flags):] / self.dist.world_size).unbind()))
         bad_terms = [k for k, bad in zip(terms, values) if bad]
-        return bad_terms, bool(values[-2]), bool(values[-1])
+        return bad_terms, bool(values[-2]), bool(values[-1]), means
 
     def _skip_step(self, bad_terms: list[str], overflow: bool) -> None:
         """Drop this step's gradients; EMA and queues stay untouched.
@@ -483,6 +529,7 @@ class Trainer:
             "skips": skips.state_dict(),
             "rng": rngs,
             "config": self.cfg.to_dict(),
+            "data_layout": data_layout(self.cfg, self.dist),
         }
         if self.cfg.train.strategy == "fsdp":
             return save_dcp_checkpoint(self.model, self.optimizer, state, self.ckpt_dir, self.state.step,

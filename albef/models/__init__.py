@@ -10,7 +10,7 @@ from albef.models.albef import ALBEF, LOSS_TERMS, TokenIds
 from albef.models.bert import TextEncoder
 from albef.models.vision import build_vision_encoder
 
-__all__ = ["ALBEF", "TextEncoder", "TokenIds", "build_model", "build_tokenizer", "build_vision_encoder"]
+__all__ = ["ALBEF", "TextEncoder", "TokenIds", "build_model", "build_tokenizer", "build_vision_encoder", "compile_blocks"]
 
 
 def build_tokenizer(cfg: Any):
@@ -42,7 +42,7 @@ def build_model(cfg: Any) -> ALBEF:
         )
     text_encoder.set_grad_checkpointing(tcfg.grad_checkpointing)
 
-    return ALBEF(
+    model = ALBEF(
         visual_encoder,
         text_encoder,
         TokenIds(
@@ -60,4 +60,19 @@ def build_model(cfg: Any) -> ALBEF:
         itc_kind=cfg.loss.itc,
         itc_gather_batch=cfg.loss.itc_gather_batch,
         itm_negatives=cfg.loss.itm_negatives,
+        mlm_mask_sep=cfg.loss.mlm_mask_sep,
     )
+    if cfg.train.compile:
+        compile_blocks(model)
+    return model
+
+
+def compile_blocks(model: ALBEF) -> None:
+    """Regional torch.compile: every ViT block and BERT layer (online and momentum) compiled in
+    place, so state-dict keys, hooks and the Python control flow around them stay as they are."""
+    for encoder in (model.visual_encoder, model.visual_encoder_m):
+        for block in encoder.blocks:
+            block.compile(dynamic=None)
+    for encoder in (model.text_encoder, model.text_encoder_m):
+        for layer in encoder.bert.encoder.layer:
+            layer.compile(dynamic=None)

@@ -8,7 +8,7 @@ The forward changes no state besides the RNG: the engine calls `momentum_update(
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ ITM_NEGATIVES = ("local", "global")
 
 @dataclass(frozen=True)
 class TokenIds:
-    """Special token ids of the tokenizer (MLM never masks pad/cls/sep)."""
+    """Special token ids of the tokenizer (MLM never masks pad/cls, nor sep unless asked)."""
 
     pad: int
     cls: int
@@ -55,16 +55,34 @@ class Candidates:
 
 
 def _project(proj: nn.Module, embeds: Tensor) -> Tensor:
-    """L2-normalised projection of the CLS token: the ITC feature."""
-    return F.normalize(proj(embeds[:, 0]), dim=-1)
+    """L2-normalised projection of the CLS token: the ITC feature (fp32)."""
+    return F.normalize(proj(embeds[:, 0]).float(), dim=-1)
+
+
+def similarity(features: Tensor, bank: Tensor, temp: Tensor) -> Tensor:
+    """`features @ bank / temp` in fp32 with autocast off (ITC logits, targets, ITM sampling)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return features.float() @ bank.float() / temp.float()
+
+
+def special_tokens(token_ids: TokenIds, mask_sep: bool = True) -> Tensor:
+    """The ids MLM never masks: [PAD] and [CLS] (ALBEF), plus [SEP] unless `mask_sep`."""
+    return torch.tensor([token_ids.pad, token_ids.cls] + ([] if mask_sep else [token_ids.sep]))
 
 
 def mask_tokens(
-    input_ids: Tensor, probability: float, token_ids: TokenIds, vocab_size: int
+    input_ids: Tensor,
+    probability: float,
+    token_ids: TokenIds,
+    vocab_size: int,
+    mask_sep: bool = True,
+    special: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """BERT masking: select tokens with `probability` (never pad/cls/sep); of those 80% become
-    [MASK], 10% a random token, 10% stay. Returns (masked ids, labels with -100 elsewhere)."""
-    special = torch.tensor([token_ids.pad, token_ids.cls, token_ids.sep], device=input_ids.device)
+    """BERT masking: select tokens with `probability` (never pad/cls, nor sep when not
+    `mask_sep`; `special` = those ids precomputed on the device); of those 80% become [MASK], 10%
+    a random token, 10% stay. Returns (masked ids, labels with -100 elsewhere). No host sync."""
+    if special is None:
+        special = special_tokens(token_ids, mask_sep).to(input_ids.device)
     selected = (torch.rand(input_ids.shape, device=input_ids.device) < probability) & ~torch.isin(input_ids, special)
     labels = input_ids.masked_fill(~selected, -100)
     choice = torch.rand(input_ids.shape, device=input_ids.device)
@@ -77,13 +95,50 @@ def mask_tokens(
 def sample_negatives(sim: Tensor, exclude: Tensor) -> tuple[Tensor, Tensor]:
     """One hard negative column per row, drawn from softmax(sim) over the non-excluded columns.
 
-    Returns (indices [B], valid [B]); rows without any candidate draw an arbitrary index and are
-    marked invalid, to be left out of the loss.
+    Returns (indices [B], valid [B]); rows without any candidate, or with non-finite
+    similarities (a NaN/Inf feature), draw an arbitrary index and are marked invalid, to be left
+    out of the loss (a non-finite feature also makes the loss non-finite: the step is skipped).
     """
     weights = sim.float().masked_fill(exclude, float("-inf")).softmax(dim=1)
-    valid = ~exclude.all(dim=1)
+    valid = ~exclude.all(dim=1) & torch.isfinite(weights).all(dim=1)
     weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
     return torch.multinomial(weights, 1).squeeze(1), valid
+
+
+@dataclass
+class FusionBatch:
+    """The text rows of a step's single fusion pass, added in groups (ITM, then MLM).
+
+    Each group: text states [G, L, H], mask [G, L], `kv_index` [G] (which image each row reads:
+    index into the local images followed by `extra_images`; None = row i reads image i) and the
+    (batch, position) rows its head reads.
+    """
+
+    groups: list[tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor]]] = field(default_factory=list)
+    extra_images: list[Tensor] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def add(self, states: Tensor, mask: Tensor, kv_index: Tensor | None, rows: tuple[Tensor, Tensor]) -> None:
+        self.groups.append((states, mask, kv_index, rows))
+
+    def concat(self, num_images: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor], list[int]]:
+        """All groups as one batch (right-padded to the longest text): states, mask, kv_index,
+        head rows (batch, position) and the number of head rows per group."""
+        length = max(states.shape[1] for states, *_ in self.groups)
+        states, masks, kv_index, batch, position, sizes, offset = [], [], [], [], [], [], 0
+        for group_states, mask, index, (rows_batch, rows_position) in self.groups:
+            pad = length - group_states.shape[1]
+            states.append(F.pad(group_states, (0, 0, 0, pad)))
+            masks.append(F.pad(mask, (0, pad)))
+            count = len(group_states)
+            kv_index.append(torch.arange(count, device=mask.device) if index is None else index)
+            batch.append(rows_batch + offset)
+            position.append(rows_position)
+            sizes.append(len(rows_batch))
+            offset += count
+        return torch.cat(states), torch.cat(masks), torch.cat(kv_index), (torch.cat(batch), torch.cat(position)), sizes
 
 
 class ALBEF(nn.Module):
@@ -101,6 +156,9 @@ class ALBEF(nn.Module):
         itc_kind: str = "ce",
         itc_gather_batch: bool = False,
         itm_negatives: str = "local",
+        mlm_mask_sep: bool = True,
+        cache_image_kv: bool = True,
+        prune_last_layer: bool = True,
     ):
         super().__init__()
         self.loss_weights = dict(loss_weights or dict.fromkeys(LOSS_TERMS, 1.0))
@@ -116,6 +174,11 @@ class ALBEF(nn.Module):
         self.itc_kind = itc_kind
         self.itc_gather_batch = itc_gather_batch
         self.itm_negatives = itm_negatives
+        self.mlm_mask_sep = mlm_mask_sep
+        # Exact shortcuts of the fusion pass (see bert.py); off = the plain computation, for tests.
+        self.cache_image_kv = cache_image_kv
+        self.prune_last_layer = prune_last_layer
+        self.register_buffer("never_masked", special_tokens(token_ids, mlm_mask_sep), persistent=False)
 
         vision_width = visual_encoder.embed_dim
         text_width = text_encoder.config.hidden_size
@@ -168,10 +231,12 @@ class ALBEF(nn.Module):
 
     def itm_logits(self, image_embeds: Tensor, text_embeds: Tensor, attention_mask: Tensor) -> Tensor:
         """Match / no-match logits [B, 2] of the fusion encoder's CLS state."""
-        fused = self.text_encoder.bert(
-            attention_mask=attention_mask, image_embeds=image_embeds, mode="fusion", text_embeds=text_embeds
+        batch = torch.arange(len(text_embeds), device=text_embeds.device)
+        cls = self.text_encoder.bert(
+            attention_mask=attention_mask, image_embeds=image_embeds, mode="fusion", text_embeds=text_embeds,
+            output_rows=(batch, torch.zeros_like(batch)),
         )
-        return self.itm_head(fused[:, 0])
+        return self.itm_head(cls)
 
     def itm_score(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Probability [B] that each image matches its caption."""
@@ -188,47 +253,112 @@ class ALBEF(nn.Module):
 
         `ids` [B] are image ids: captions with the same id are positives (in batch and queue);
         without ids only the paired sample is positive, as in ALBEF pretraining.
+
+        One pass per encoder: the text layers run once over the captions and their masked copies,
+        the fusion layers once over the 3B ITM rows and the B MLM rows, with the cross-attention
+        keys/values of the B images computed once per layer (`cache_image_kv`) and the last layer
+        computing only the rows the heads read (`prune_last_layer`).
         """
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
             image_embeds_m = self.visual_encoder_m(images)
         image_embeds = self.visual_encoder(images)
         weights = self.loss_weights
-        out = {}
-        if weights["itc"] or weights["itm"]:
-            out.update(self._align_and_match(image_embeds, image_embeds_m, input_ids, attention_mask, alpha, ids))
-        if weights["mlm"]:
-            out["loss_mlm"] = self._mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
+        contrast, mlm = bool(weights["itc"] or weights["itm"]), bool(weights["mlm"])
+        batch_size = len(input_ids)
+
+        # Text layers, online and momentum: captions (ITC/ITM) and masked captions (MLM) together.
+        text_ids = []
+        if mlm:
+            masked_ids, labels = mask_tokens(
+                input_ids, self.mlm_probability, self.token_ids, self.text_encoder.config.vocab_size,
+                mask_sep=self.mlm_mask_sep, special=self.never_masked)
+            mlm_batch, mlm_position = (labels != -100).nonzero(as_tuple=True)  # the step's one shape sync
+        text_ids = torch.cat(([input_ids] if contrast else []) + ([masked_ids] if mlm else []))
+        text_mask = attention_mask.repeat(int(contrast) + int(mlm), 1)
+        text_states = self.text_encoder.bert(text_ids, text_mask, mode="text")
+        with torch.no_grad():
+            text_states_m = self.text_encoder_m.bert(text_ids, text_mask, mode="text")
+
+        out, fusion = {}, FusionBatch()
+        if contrast:
+            out.update(self._align_and_match(
+                image_embeds, image_embeds_m, text_states[:batch_size], text_states_m[:batch_size],
+                attention_mask, alpha, ids, fusion))
+        if mlm:
+            mlm_rows = (mlm_batch, mlm_position)
+            fusion.add(text_states[-batch_size:], attention_mask, None, mlm_rows)
+        if len(fusion):
+            fused = self._fuse(fusion, image_embeds)
+            if weights["itm"]:
+                out["loss_itm"] = itm_loss(self.itm_head(fused[0]), *out.pop("itm_targets"))
+            if mlm:
+                logits = self.text_encoder.cls.predictions(fused[-1])
+                with torch.no_grad():
+                    hidden_m = self._fuse_momentum(text_states_m[-batch_size:], attention_mask, image_embeds_m,
+                                                   mlm_rows)
+                    soft_targets = self.text_encoder_m.cls.predictions(hidden_m).float().softmax(dim=-1)
+                out["loss_mlm"] = mlm_loss(logits, labels[mlm_rows], soft_targets, alpha)
         out["loss"] = sum(weights[k] * out[f"loss_{k}"] for k in LOSS_TERMS if weights[k])
         return out
+
+    def _fuse(self, fusion: FusionBatch, image_embeds: Tensor) -> list[Tensor]:
+        """One fusion pass over every group of rows; returns each group's head rows [R_g, H]."""
+        states, mask, kv_index, rows, sizes = fusion.concat(image_embeds.shape[0])
+        kv_images = torch.cat([image_embeds, *fusion.extra_images]) if fusion.extra_images else image_embeds
+        bert = self.text_encoder.bert
+        kwargs = dict(output_rows=rows if self.prune_last_layer else None)
+        if self.cache_image_kv:
+            kwargs.update(image_kv=bert.cross_attention_kv(kv_images), kv_index=kv_index)
+        else:
+            kwargs.update(image_embeds=kv_images[kv_index])
+        hidden = bert(attention_mask=mask, mode="fusion", text_embeds=states, **kwargs)
+        if not self.prune_last_layer:
+            hidden = hidden[rows]
+        return list(hidden.split(sizes))
+
+    @torch.no_grad()
+    def _fuse_momentum(
+        self, states: Tensor, attention_mask: Tensor, image_embeds: Tensor, rows: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        bert = self.text_encoder_m.bert
+        if not self.prune_last_layer:
+            return bert(attention_mask=attention_mask, image_embeds=image_embeds, mode="fusion",
+                        text_embeds=states)[rows]
+        return bert(attention_mask=attention_mask, image_embeds=image_embeds, mode="fusion", text_embeds=states,
+                    output_rows=rows)
 
     def _align_and_match(
         self,
         image_embeds: Tensor,
         image_embeds_m: Tensor,
-        input_ids: Tensor,
+        text_embeds: Tensor,
+        text_embeds_m: Tensor,
         attention_mask: Tensor,
         alpha: float,
         ids: Tensor | None,
+        fusion: FusionBatch,
     ) -> dict:
-        """ITC and/or ITM, which share the unimodal features and the momentum batch features."""
-        text_embeds, text_feat = self.text_tokens(input_ids, attention_mask)
+        """ITC and/or ITM, which share the unimodal features and the momentum batch features.
+        ITM adds its 3B rows to `fusion` and returns its (labels, sample weights) as `itm_targets`."""
+        text_feat = _project(self.text_proj, text_embeds)
         image_feat = _project(self.vision_proj, image_embeds)
         with torch.no_grad():
             image_feat_m = _project(self.vision_proj_m, image_embeds_m)
-            text_feat_m = _project(self.text_proj_m, self.text_encoder_m.bert(input_ids, attention_mask, mode="text"))
+            text_feat_m = _project(self.text_proj_m, text_embeds_m)
         local = Candidates(image_feat_m, text_feat_m, ids, offset=0)
         needs_world = self.itc_gather_batch or self.itm_negatives == "global"
         world = _world_candidates(local) if needs_world else local
 
-        queue_ids = ids if ids is not None else torch.full_like(input_ids[:, 0], -1)
+        queue_ids = ids if ids is not None else torch.full_like(attention_mask[:, 0], -1)
         out = {"queue_update": (image_feat_m, text_feat_m, queue_ids.detach())}
         if self.loss_weights["itc"]:
             cand = world if self.itc_gather_batch else local
             out.update(self._itc(image_feat, text_feat, image_feat_m, text_feat_m, cand, ids, alpha))
         if self.loss_weights["itm"]:
             cand = world if self.itm_negatives == "global" else local
-            out["loss_itm"] = self._itm(image_embeds, image_feat, text_embeds, text_feat, attention_mask, cand, ids)
+            out["itm_targets"] = self._itm(image_embeds, image_feat, text_embeds, text_feat, attention_mask, cand,
+                                           ids, fusion)
         return out
 
     def _itc(
@@ -241,15 +371,16 @@ class ALBEF(nn.Module):
         ids: Tensor | None,
         alpha: float,
     ) -> dict[str, Tensor]:
-        """Contrast with the candidate batch plus the queue; targets mix momentum sims and positives."""
+        """Contrast with the candidate batch plus the queue; targets mix momentum sims and positives.
+        Similarities are fp32 (autocast off): bf16 logits at temp 0.07 are visibly off."""
         image_bank = torch.cat([cand.image_feat_m.t(), self.image_queue], dim=1)
         text_bank = torch.cat([cand.text_feat_m.t(), self.text_queue], dim=1)
         with torch.no_grad():
             pos = torch.cat([cand.positives(ids, len(image_feat)), self._queue_positives(ids, len(image_feat))], dim=1)
-            targets_i2t = itc_targets(image_feat_m @ text_bank / self.temp, pos, alpha)
-            targets_t2i = itc_targets(text_feat_m @ image_bank / self.temp, pos, alpha)
-        sim_i2t = image_feat @ text_bank / self.temp
-        sim_t2i = text_feat @ image_bank / self.temp
+            targets_i2t = itc_targets(similarity(image_feat_m, text_bank, self.temp), pos, alpha)
+            targets_t2i = itc_targets(similarity(text_feat_m, image_bank, self.temp), pos, alpha)
+        sim_i2t = similarity(image_feat, text_bank, self.temp)
+        sim_t2i = similarity(text_feat, image_bank, self.temp)
         loss = (itc_loss(sim_i2t, targets_i2t, self.itc_kind) + itc_loss(sim_t2i, targets_t2i, self.itc_kind)) / 2
         return {"loss_itc": loss, **itc_stats(sim_i2t, sim_t2i, targets_i2t, targets_t2i)}
 
@@ -268,11 +399,14 @@ class ALBEF(nn.Module):
         attention_mask: Tensor,
         cand: Candidates,
         ids: Tensor | None,
-    ) -> Tensor:
-        """Matching loss on the positive pairs and one hard negative per image and per text,
-        sampled by contrastive similarity among the candidates (never a positive or same id)."""
+        fusion: FusionBatch,
+    ) -> tuple[Tensor, Tensor]:
+        """Matching rows: the positive pairs and one hard negative per image and per text, sampled
+        by contrastive similarity among the candidates (never a positive or same id). Adds the
+        3B [CLS] rows to `fusion`; returns (labels, sample weights) for `itm_loss`."""
         batch_size = len(image_embeds)
-        image_pool, text_pool, mask_pool = image_embeds, text_embeds, attention_mask
+        local = torch.arange(batch_size, device=image_embeds.device)
+        text_pool, mask_pool = text_embeds, attention_mask
         if self.itm_negatives == "global":
             text_embeds, attention_mask = _pad_to_world_length(text_embeds, attention_mask)
             image_pool = dist.all_gather_with_grad(image_embeds)
@@ -280,29 +414,23 @@ class ALBEF(nn.Module):
             mask_pool = dist.all_gather_concat(attention_mask)
         with torch.no_grad():
             exclude = cand.positives(ids, batch_size)
-            neg_images, valid_images = sample_negatives(text_feat @ cand.image_feat_m.t() / self.temp, exclude)
-            neg_texts, valid_texts = sample_negatives(image_feat @ cand.text_feat_m.t() / self.temp, exclude)
-        logits = self.itm_logits(
-            torch.cat([image_embeds, image_pool[neg_images], image_embeds]),
-            torch.cat([text_embeds, text_embeds, text_pool[neg_texts]]),
+            neg_images, valid_images = sample_negatives(similarity(text_feat, cand.image_feat_m.t(), self.temp), exclude)
+            neg_texts, valid_texts = sample_negatives(similarity(image_feat, cand.text_feat_m.t(), self.temp), exclude)
+        if self.itm_negatives == "global":  # the negative images join the local ones as extra K/V images
+            neg_image_index = local + batch_size
+            fusion.extra_images.append(image_pool.index_select(0, neg_images))
+        else:
+            neg_image_index = neg_images
+        cls = torch.zeros(3 * batch_size, dtype=torch.long, device=local.device)
+        fusion.add(
+            torch.cat([text_embeds, text_embeds, text_pool.index_select(0, neg_texts)]),
             torch.cat([attention_mask, attention_mask, mask_pool[neg_texts]]),
+            torch.cat([local, neg_image_index, local]),
+            (torch.arange(3 * batch_size, device=local.device), cls),
         )
         labels = torch.cat([torch.ones_like(neg_images), torch.zeros_like(neg_images), torch.zeros_like(neg_texts)])
         sample_weight = torch.cat([torch.ones_like(valid_images), valid_images, valid_texts])
-        return itm_loss(logits, labels, sample_weight)
-
-    def _mlm(
-        self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, image_embeds_m: Tensor, alpha: float
-    ) -> Tensor:
-        """Masked LM conditioned on the image, distilled from the momentum model's predictions."""
-        vocab_size = self.text_encoder.config.vocab_size
-        masked_ids, labels = mask_tokens(input_ids, self.mlm_probability, self.token_ids, vocab_size)
-        positions = labels != -100
-        logits = self.text_encoder.mlm_logits(self.text_encoder(masked_ids, attention_mask, image_embeds), positions)
-        with torch.no_grad():
-            hidden_m = self.text_encoder_m(masked_ids, attention_mask, image_embeds_m)
-            soft_targets = self.text_encoder_m.mlm_logits(hidden_m, positions).float().softmax(dim=-1)
-        return mlm_loss(logits, labels[positions], soft_targets, alpha)
+        return labels, sample_weight
 
     # ----------------------------------------------------------------------------- state updates
 

@@ -4,6 +4,16 @@ Layers below `fusion_layer` are a plain bidirectional BERT text encoder; layers 
 `fusion_layer` on add cross-attention to image tokens (key/value width `encoder_width`).
 Modes: `text` (text layers only), `fusion` (fusion layers on given text states),
 `multimodal` (all layers from token ids).
+
+Two optional shortcuts for training steps, both exact (tests/test_fast_paths.py):
+- `image_kv` (from `BertModel.cross_attention_kv`): the cross-attention keys/values of each fusion
+  layer computed once per image and picked per text row by `kv_index`, instead of projecting a
+  copy of the image tokens for every row;
+- `output_rows` (batch index [R], position [R]): the last layer computes only these query rows
+  (the rows a head reads, e.g. [CLS] for ITM, masked positions for MLM) and returns [R, H].
+
+`image_embeds` may also be a list of images (NLVR2): fusion layer `i` then attends to image
+`(i - fusion_layer) % len(list)`, as ALBEF's xbert.
 """
 
 from __future__ import annotations
@@ -30,9 +40,46 @@ MODES = ("text", "fusion", "multimodal")
 ATTENTIONS = ("sdpa", "eager")
 
 
+KV = tuple[Tensor, Tensor]  # (keys, values) split into heads, [B, heads, L, head_dim] each
+
+
 def _key_mask(mask: Tensor | None) -> Tensor | None:
     """[B, L] padding mask (1 = keep) -> boolean [B, 1, 1, L] for attention over keys."""
     return None if mask is None else mask.bool()[:, None, None, :]
+
+
+def _take(x: Tensor | None, index: Tensor | None) -> Tensor | None:
+    """Rows `index` of `x` (x itself when either is None); index_select, whose backward is an
+    index_add (faster than the index_put of `x[index]` on CPU)."""
+    return x if x is None or index is None else x.index_select(0, index)
+
+
+def _image_key_masks(mask: Tensor | list[Tensor] | None) -> Tensor | list[Tensor] | None:
+    """`_key_mask` of an image mask, or of each mask of a list of images."""
+    return [_key_mask(m) for m in mask] if isinstance(mask, (list, tuple)) else _key_mask(mask)
+
+
+def _layer_image(image_embeds, image_mask, index: int, fusion_layer: int):
+    """(tokens, mask) of the image that layer `index` attends to: with a list of images, the
+    fusion layers take them in turn (layer fusion_layer: image 0, the next: image 1, ...)."""
+    if not isinstance(image_embeds, (list, tuple)):
+        return image_embeds, image_mask
+    k = (index - fusion_layer) % len(image_embeds)
+    return image_embeds[k], None if image_mask is None else image_mask[k]
+
+
+def cast_for_autocast(x: Tensor | None) -> Tensor | None:
+    """`x` in the autocast dtype when autocast is on, so that each projection does not cast it again."""
+    if x is None or not torch.is_autocast_enabled(x.device.type) or not x.is_floating_point():
+        return x
+    return x.to(torch.get_autocast_dtype(x.device.type))
+
+
+def _cast_images(image_embeds: Tensor | list[Tensor] | None) -> Tensor | list[Tensor] | None:
+    """`cast_for_autocast` of the image tokens, or of each image of a list."""
+    if isinstance(image_embeds, (list, tuple)):
+        return [cast_for_autocast(x) for x in image_embeds]
+    return cast_for_autocast(image_embeds)
 
 
 class BertEmbeddings(nn.Module):
@@ -64,12 +111,24 @@ class BertSelfAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
+    def kv_heads(self, context: Tensor) -> KV:
+        """Keys and values of `context` [B, Lk, W], split into heads."""
+        return self._heads(self.key(context)), self._heads(self.value(context))
+
     def forward(
-        self, hidden: Tensor, mask: Tensor | None, context: Tensor | None = None, need_weights: bool = False
+        self,
+        hidden: Tensor,
+        mask: Tensor | None,
+        context: Tensor | None = None,
+        need_weights: bool = False,
+        kv: KV | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Attend from `hidden` to `context` (itself when None); `mask` is boolean [B, 1, 1, Lk]."""
-        context = hidden if context is None else context
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
+        """Attend from `hidden` to `context` (itself when None); `mask` is boolean [B, 1, 1, Lk].
+
+        `kv`: precomputed `kv_heads` of the context (one per row of `hidden`), used instead."""
+        if kv is None:
+            kv = self.kv_heads(hidden if context is None else context)
+        q, (k, v) = self._heads(self.query(hidden)), kv
         probs = None
         if self.attention == "eager" or need_weights:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
@@ -103,9 +162,14 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config, config.hidden_size)
 
     def forward(
-        self, hidden: Tensor, mask: Tensor | None, context: Tensor | None = None, need_weights: bool = False
+        self,
+        hidden: Tensor,
+        mask: Tensor | None,
+        context: Tensor | None = None,
+        need_weights: bool = False,
+        kv: KV | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        out, probs = self.self(hidden, mask, context, need_weights)
+        out, probs = self.self(hidden, mask, context, need_weights, kv)
         return self.output(out, hidden), probs
 
 
@@ -134,14 +198,34 @@ class BertLayer(nn.Module):
         image_embeds: Tensor | None = None,
         image_mask: Tensor | None = None,
         need_weights: bool = False,
+        image_kv: KV | None = None,
+        kv_index: Tensor | None = None,
+        rows: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        hidden, _ = self.attention(hidden, mask)
+        """[B, L, H] -> [B, L, H]; with `rows` = (batch index [R], position [R]) only those query
+        rows are computed (keys and values still come from every position) -> [R, H].
+
+        `image_kv` is this layer's `cross_attention_kv` of the images; text row i reads image
+        `kv_index[i]` (row i when None)."""
+        self_kv = None
+        if rows is not None:
+            batch, position = rows
+            self_kv = tuple(_take(t, batch) for t in self.attention.self.kv_heads(hidden))
+            hidden = _take(hidden.flatten(0, 1), batch * hidden.shape[1] + position)[:, None]
+            mask, image_mask = _take(mask, batch), _take(image_mask, batch)
+            kv_index = batch if kv_index is None else kv_index[batch]
+            if image_kv is None:
+                image_embeds = _take(image_embeds, batch)
+        hidden, _ = self.attention(hidden, mask, kv=self_kv)
         probs = None
         if self.crossattention is not None:
-            if image_embeds is None:
+            if image_embeds is None and image_kv is None:
                 raise ValueError("fusion layers need image_embeds")
-            hidden, probs = self.crossattention(hidden, image_mask, image_embeds, need_weights)
-        return self.output(self.intermediate(hidden), hidden), probs
+            if image_kv is not None:
+                image_kv = tuple(_take(t, kv_index) for t in image_kv)
+            hidden, probs = self.crossattention(hidden, image_mask, image_embeds, need_weights, image_kv)
+        hidden = self.output(self.intermediate(hidden), hidden)
+        return (hidden if rows is None else hidden[:, 0]), probs
 
 
 class BertEncoder(nn.Module):
@@ -150,6 +234,7 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(
             BertLayer(config, i >= config.fusion_layer, attention) for i in range(config.num_hidden_layers)
         )
+        self.fusion_layer = config.fusion_layer
         self.grad_checkpointing = False
 
     def forward(
@@ -160,11 +245,21 @@ class BertEncoder(nn.Module):
         image_embeds: Tensor | None = None,
         image_mask: Tensor | None = None,
         output_attentions: bool = False,
+        image_kv: list[KV] | None = None,
+        kv_index: Tensor | None = None,
+        output_rows: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Run `self.layer[layers]`; returns the hidden states and the cross-attention maps."""
+        """Run `self.layer[layers]`; returns the hidden states and the cross-attention maps.
+
+        `image_kv` holds one entry per fusion layer; `output_rows` applies to the last layer run."""
         attentions = []
-        for layer in self.layer[layers]:
-            args = (hidden, mask, image_embeds, image_mask, output_attentions)
+        run = list(range(len(self.layer)))[layers]
+        for n, i in enumerate(run):
+            layer = self.layer[i]
+            kv = None if image_kv is None or layer.crossattention is None else image_kv[i - self.fusion_layer]
+            rows = output_rows if n == len(run) - 1 else None
+            images = _layer_image(image_embeds, image_mask, i, self.fusion_layer)
+            args = (hidden, mask, *images, output_attentions, kv, kv_index, rows)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, probs = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -199,12 +294,18 @@ class BertModel(nn.Module):
         mode: str = "multimodal",
         text_embeds: Tensor | None = None,
         output_attentions: bool = False,
+        image_kv: list[KV] | None = None,
+        kv_index: Tensor | None = None,
+        output_rows: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Hidden states [B, L, H]; with `output_attentions`, also the cross-attention maps
         [B, heads, L, N] of each fusion layer run (the last one is what Grad-CAM uses).
 
         `text`: `input_ids` through the text layers. `fusion`: `text_embeds` (text-mode output)
         through the fusion layers with the image. `multimodal`: `input_ids` through all layers.
+        `image_kv` (`cross_attention_kv` of the images) replaces `image_embeds`; text row i then
+        reads image `kv_index[i]`. `output_rows` (batch index [R], position [R]): the last layer
+        computes only these rows and the result is [R, H] (attention maps [R, heads, 1, N]).
         """
         fusion = self.config.fusion_layer
         if mode == "text":
@@ -216,9 +317,17 @@ class BertModel(nn.Module):
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         hidden, attentions = self.encoder(
-            hidden, _key_mask(attention_mask), layers, image_embeds, _key_mask(image_mask), output_attentions
+            hidden, _key_mask(attention_mask), layers, _cast_images(image_embeds), _image_key_masks(image_mask),
+            output_attentions, image_kv, kv_index, output_rows,
         )
         return (hidden, attentions) if output_attentions else hidden
+
+    def cross_attention_kv(self, image_embeds: Tensor) -> list[KV]:
+        """Cross-attention keys and values of `image_embeds` [B, N, W] for every fusion layer, to
+        pass as `image_kv` to any number of text rows per image (the image tokens are cast once)."""
+        image_embeds = cast_for_autocast(image_embeds)
+        return [layer.crossattention.self.kv_heads(image_embeds) for layer in self.encoder.layer
+                if layer.crossattention is not None]
 
 
 class BertPredictionHeadTransform(nn.Module):

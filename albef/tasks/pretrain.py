@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from albef.config import Config
+from albef.config import Config, check_data_files
 from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_train_loader, set_epoch, webdataset_pipeline
 from albef.data.transforms import train_transform
@@ -31,6 +31,10 @@ class PretrainTask:
         self.loader: DataLoader | None = None  # built once: its workers persist across epochs
         self.same_id_positives = False
 
+    def check(self, cfg: Config, training: bool = True) -> None:
+        """Before anything is built: the caption annotation and shard files are well-formed."""
+        check_data_files(cfg, training)
+
     def build_model(self, cfg: Config) -> nn.Module:
         self.same_id_positives = cfg.loss.same_id_positives
         return build_model(cfg)
@@ -45,18 +49,22 @@ class PretrainTask:
         set_epoch(self.loader, epoch, consumed)
         return self.loader, self._batches_per_epoch(cfg, dist)
 
-    def _make_loader(self, cfg: Config, dist: DistInfo) -> DataLoader:
+    def build_train_dataset(self, cfg: Config):
+        """The training samples (a task with another annotation format overrides this)."""
         d = cfg.data
         transform = train_transform(
             cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip
         )
         if d.format == "wds":
-            dataset = webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples)
-        else:
-            dataset = CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed)
+            return webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples, d.caption_list)
+        return CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed, d.caption_list)
+
+    def _make_loader(self, cfg: Config, dist: DistInfo) -> DataLoader:
+        d = cfg.data
+        dataset = self.build_train_dataset(cfg)
         tokenizer = build_tokenizer(cfg)
         return build_train_loader(
-            dataset, Collator(tokenizer, d.max_tokens), batch_size=cfg.train.batch_size,
+            dataset, Collator(tokenizer, d.max_tokens, d.pad_to_max_tokens), batch_size=cfg.train.batch_size,
             num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
 
     def _batches_per_epoch(self, cfg: Config, dist: DistInfo) -> int:

@@ -51,9 +51,7 @@ class RetrievalTask(PretrainTask):
         if cfg.loss.weights.mlm:
             raise ConfigError("loss.weights.mlm: retrieval fine-tuning has no MLM term (ALBEF's retrieval model); "
                               "set loss.weights.mlm=0")
-        for files in (cfg.data.train_files if training else [], cfg.eval.val_files, cfg.eval.test_files):
-            if files:
-                load_annotations(files)  # a malformed file is one line now, not after the model is built
+        super().check(cfg, training)  # caption files, as pretraining's
 
     def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         """ALBEF's rule (Retrieval.py): every key of a pretraining or retrieval checkpoint, the

@@ -1,0 +1,296 @@
+"""Visual reasoning models: SNLI-VE and NLVR2 classifiers and NLVR2's text-assignment (TA)
+pretraining model, with ALBEF's module names so released checkpoints load key for key.
+
+* `Classifier` (ALBEF model_ve / model_nlvr): ViT + BERT text/fusion encoder, the fused [CLS]
+  state through `cls_head` (Linear(H, H) -> ReLU -> Linear(H, classes)); momentum copies
+  `visual_encoder_m`, `text_encoder_m`, `cls_head_m` when distilling.
+  With `num_images=2` (NLVR2) the BERT has twice the fusion layers; they attend to image 0 and
+  image 1 in turn, and each pair (F+2k, F+2k+1) shares its cross-attention key/value weights.
+* `TextAssignment` (ALBEF model_pretrain_nlvr): for each text, two images are drawn from the
+  batch; the text matches image 0, image 1, or neither (3 classes, `ta_head`).
+* Initialisation rules (pure functions of state dicts, our key names, i.e. after
+  `map_albef_keys`): `double_fusion_layers` (pretrain -> TA / NLVR2) and
+  `with_momentum_copies` (TA -> NLVR2: the momentum encoders start from the loaded weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import BertConfig
+
+from albef.losses import classification_distill_loss
+from albef.models.bert import TextEncoder, bert_config, read_bert_weights
+from albef.models.momentum import momentum_update
+from albef.models.vision import build_vision_encoder
+
+TA_TEMP = 0.07  # ALBEF's TA forward divides by this literal, not by its `temp` parameter
+TA_LABELS = ("image 0", "image 1", "neither")
+# `...encoder.layer.N.rest` of a BERT (ours `text_encoder(_m).bert.encoder.layer.N`, HF `bert.encoder...`)
+_LAYER_KEY = re.compile(r"^((?:[\w.]*\.)?encoder\.layer\.)(\d+)(\..+)$")
+
+
+def classifier_head(width: int, num_classes: int) -> nn.Sequential:
+    """ALBEF's `cls_head`: Linear(width, width) -> ReLU -> Linear(width, classes) (keys .0 / .2)."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+
+def two_image_bert_config(config: BertConfig) -> BertConfig:
+    """The NLVR2 / TA BERT config: the same text layers, every fusion layer twice (one per image).
+
+    ALBEF hard-codes 18 = 6 text + 2 x 6 fusion layers for its 12-layer BERT.
+    """
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = config.fusion_layer + 2 * (config.num_hidden_layers - config.fusion_layer)
+    return config
+
+
+def share_cross_attention(bert: nn.Module) -> None:
+    """Fusion layers F+2k and F+2k+1 use one cross-attention key and value (ALBEF's
+    `share_cross_attention`): layer F+2k's parameters become layer F+2k+1's."""
+    layers, fusion = bert.encoder.layer, bert.config.fusion_layer
+    for i in range(fusion, len(layers) - 1, 2):
+        first, second = layers[i].crossattention.self, layers[i + 1].crossattention.self
+        for name in ("key", "value"):
+            getattr(first, name).weight = getattr(second, name).weight
+            getattr(first, name).bias = getattr(second, name).bias
+
+
+def _momentum_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).requires_grad_(False)  # deepcopy keeps shared parameters shared
+
+
+class Classifier(nn.Module):
+    """SNLI-VE (`num_images=1`, 3 classes) or NLVR2 (`num_images=2`, 2 classes) classifier.
+
+    `forward(images, input_ids, attention_mask)` gives the student's logits [B, classes];
+    with `targets` it returns the training outputs (loss, loss_cls, logits), distilling from
+    the momentum model's softmax when `distill`. `images` are [B, 3, H, W] for one image per
+    text and [B, 2, 3, H, W] for two.
+    """
+
+    def __init__(
+        self,
+        visual_encoder: nn.Module,
+        text_encoder: nn.Module,
+        num_classes: int,
+        num_images: int = 1,
+        distill: bool = True,
+        momentum: float = 0.995,
+    ):
+        super().__init__()
+        if num_images not in (1, 2):
+            raise ValueError(f"num_images must be 1 or 2, got {num_images}")
+        self.num_images = num_images
+        self.distill = distill
+        self.momentum = momentum
+        self.visual_encoder = visual_encoder
+        self.text_encoder = text_encoder
+        if num_images == 2:
+            share_cross_attention(text_encoder.bert)
+        self.cls_head = classifier_head(text_encoder.config.hidden_size, num_classes)
+        if distill:
+            self.visual_encoder_m = _momentum_copy(self.visual_encoder)
+            self.text_encoder_m = _momentum_copy(self.text_encoder)
+            self.cls_head_m = _momentum_copy(self.cls_head)
+
+    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.cls_head, self.cls_head_m),
+        ]
+
+    def _logits(self, visual_encoder, text_encoder, cls_head, images, input_ids, attention_mask) -> Tensor:
+        if self.num_images == 1:
+            image_embeds = visual_encoder(images)
+        else:  # one ViT pass over [image 0 of every sample; image 1 of every sample]
+            image_embeds = list(visual_encoder(images.transpose(0, 1).flatten(0, 1)).chunk(2))
+        hidden = text_encoder.bert(input_ids, attention_mask, image_embeds, mode="multimodal")
+        return cls_head(hidden[:, 0])
+
+    def forward(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        targets: Tensor | None = None,
+        alpha: float = 0.0,
+    ) -> Tensor | dict[str, Tensor]:
+        logits = self._logits(self.visual_encoder, self.text_encoder, self.cls_head, images, input_ids, attention_mask)
+        if targets is None:
+            return logits
+        logits_m = None
+        if self.distill:
+            with torch.no_grad():
+                logits_m = self.momentum_logits(images, input_ids, attention_mask)
+        loss = classification_distill_loss(logits, targets, logits_m, alpha)
+        return {"loss": loss, "loss_cls": loss.detach(), "logits": logits.detach()}
+
+    @torch.no_grad()
+    def momentum_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._logits(
+            self.visual_encoder_m, self.text_encoder_m, self.cls_head_m, images, input_ids, attention_mask
+        )
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA of the student into the momentum copies: m <- m * momentum + s * (1 - momentum)."""
+        if not self.distill:
+            return
+        online, momentum = [], []
+        for model, model_m in self._momentum_pairs():
+            online.extend(model.parameters())
+            momentum.extend(model_m.parameters())
+        momentum_update(online, momentum, self.momentum)
+
+
+def assign_images(weights: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """ALBEF's TA sampling: for text b, with probability 2/3 its own image b is image 0 or image 1
+    (equally likely) and the other is drawn from row b of `weights`; otherwise both images are
+    drawn from `weights` (without replacement) and the label is 'neither'.
+
+    `weights` [B, B]: non-negative, zero on the diagonal. Returns (index of image 0 [B],
+    index of image 1 [B], label [B] in {0: image 0, 1: image 1, 2: neither}).
+    """
+    batch = weights.shape[0]
+    own = torch.arange(batch, device=weights.device)
+    drawn = torch.multinomial(weights, 2, generator=generator)
+    u = torch.rand(batch, 2, generator=generator, device=weights.device) if generator is not None else \
+        torch.rand(batch, 2, device=weights.device)
+    match = u[:, 0] > 1 / 3
+    first = u[:, 1] > 0.5
+    labels = torch.where(match, torch.where(first, 0, 1), 2)
+    image0 = torch.where(match & first, own, drawn[:, 0])
+    image1 = torch.where(match & ~first, own, torch.where(match, drawn[:, 0], drawn[:, 1]))
+    return image0, image1, labels
+
+
+class TextAssignment(nn.Module):
+    """NLVR2's text-assignment pretraining model (ALBEF model_pretrain_nlvr; no momentum copies).
+
+    `vision_proj` only picks the hard images (no gradient); `text_proj` and `temp` are kept for
+    the checkpoint layout and never used, as in the original.
+    """
+
+    def __init__(self, visual_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 256, temp: float = 0.07):
+        super().__init__()
+        self.visual_encoder = visual_encoder
+        self.text_encoder = text_encoder
+        share_cross_attention(text_encoder.bert)
+        width = text_encoder.config.hidden_size
+        self.vision_proj = nn.Linear(visual_encoder.embed_dim, embed_dim)
+        self.text_proj = nn.Linear(width, embed_dim)
+        self.temp = nn.Parameter(torch.tensor(temp))
+        self.ta_head = nn.Linear(width, len(TA_LABELS))
+
+    def forward(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """TA loss of a batch of image-caption pairs (batch size >= 3) plus the accuracy."""
+        if images.shape[0] < 3:
+            raise ValueError(f"text assignment needs at least 3 images per batch, got {images.shape[0]}")
+        image_embeds = self.visual_encoder(images)
+        with torch.no_grad():
+            feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+            weights = (feat @ feat.t() / TA_TEMP).float().softmax(dim=1).fill_diagonal_(0)
+            image0, image1, labels = assign_images(weights, generator)
+        hidden = self.text_encoder.bert(
+            input_ids, attention_mask, [image_embeds[image0], image_embeds[image1]], mode="multimodal"
+        )
+        logits = self.ta_head(hidden[:, 0])
+        loss = F.cross_entropy(logits.float(), labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean()
+        return {"loss": loss, "loss_ta": loss.detach(), "acc": acc, "logits": logits.detach(), "labels": labels}
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def build_text_encoder(cfg, encoder_width: int, num_images: int = 1) -> TextEncoder:
+    """The BERT text/fusion encoder of `cfg.model.text` without MLM head; for two images, with
+    every fusion layer doubled (`two_image_bert_config`). Pretrained BERT weights (when
+    `model.text.pretrained`) go through `double_fusion_layers` for two images."""
+    tcfg = cfg.model.text
+    config = bert_config(tcfg.bert, tcfg.fusion_layer, encoder_width, tcfg.config_overrides)
+    if num_images == 2:
+        config = two_image_bert_config(config)
+    encoder = TextEncoder(config, tcfg.attention, mlm_head=False)
+    if tcfg.pretrained:
+        weights = read_bert_weights(tcfg.bert)
+        if num_images == 2:
+            weights = double_fusion_layers(weights, tcfg.fusion_layer)
+        encoder.load_bert_state_dict(weights, source=str(tcfg.bert)).print()
+    encoder.set_grad_checkpointing(tcfg.grad_checkpointing)
+    return encoder
+
+
+def _check_vocab(cfg, text_encoder: TextEncoder) -> None:
+    from albef.models import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg)
+    if len(tokenizer) != text_encoder.config.vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.model.text.tokenizer or cfg.model.text.bert!r} has {len(tokenizer)} tokens but the "
+            f"BERT config has vocab_size={text_encoder.config.vocab_size}; use a matching model.text.tokenizer"
+        )
+
+
+def build_classifier(cfg, num_classes: int, num_images: int = 1) -> Classifier:
+    """VE (3 classes, one image) or NLVR2 (2 classes, two images) model of `cfg.model`."""
+    visual_encoder = build_vision_encoder(cfg.model.vision)
+    text_encoder = build_text_encoder(cfg, visual_encoder.embed_dim, num_images)
+    _check_vocab(cfg, text_encoder)
+    return Classifier(visual_encoder, text_encoder, num_classes, num_images, cfg.model.distill, cfg.model.momentum)
+
+
+def build_text_assignment(cfg) -> TextAssignment:
+    """NLVR2's TA pretraining model of `cfg.model` (embed_dim, temp; no momentum copies)."""
+    visual_encoder = build_vision_encoder(cfg.model.vision)
+    text_encoder = build_text_encoder(cfg, visual_encoder.embed_dim, num_images=2)
+    _check_vocab(cfg, text_encoder)
+    return TextAssignment(visual_encoder, text_encoder, cfg.model.embed_dim, cfg.model.temp)
+
+
+# ----------------------------------------------------------------------------- initialisation rules
+
+
+def num_layers(state: dict[str, Tensor]) -> int:
+    """Number of `text_encoder.bert.encoder.layer.N` layers in a state dict (ours naming)."""
+    found = [int(m.group(2)) for k in state if k.startswith("text_encoder.bert.") and (m := _LAYER_KEY.match(k))]
+    return max(found) + 1 if found else 0
+
+
+def double_fusion_layers(state: dict[str, Tensor], fusion_layer: int) -> dict[str, Tensor]:
+    """ALBEF Pretrain_nlvr.py's rule: text layer n < F keeps its index; fusion layer n >= F is
+    copied to BOTH layers 2(n-F)+F and 2(n-F)+F+1 (the same tensor), for the student and the
+    momentum text encoder alike. Every other key is unchanged."""
+    out = {}
+    for key, value in state.items():
+        match = _LAYER_KEY.match(key)
+        if match is None or int(match.group(2)) < fusion_layer:
+            out[key] = value
+            continue
+        prefix, n, rest = match.group(1), int(match.group(2)), match.group(3)
+        for layer in (2 * (n - fusion_layer) + fusion_layer, 2 * (n - fusion_layer) + fusion_layer + 1):
+            out[f"{prefix}{layer}{rest}"] = value
+    return out
+
+
+MOMENTUM_SOURCES = ("visual_encoder.", "text_encoder.", "cls_head.")
+
+
+def with_momentum_copies(state: dict[str, Tensor], replace: bool = True) -> dict[str, Tensor]:
+    """Add `<module>_m.*` = `<module>.*` for the ViT, text encoder and class head of the state
+    (the momentum model starts as the loaded student). With `replace`, momentum keys already in
+    the state are dropped first (they belong to another model, e.g. the pretraining one)."""
+    out = {k: v for k, v in state.items() if not (replace and k.startswith(tuple(p[:-1] + "_m." for p in MOMENTUM_SOURCES)))}
+    for key, value in state.items():
+        for prefix in MOMENTUM_SOURCES:
+            if key.startswith(prefix):
+                out[prefix[:-1] + "_m." + key[len(prefix):]] = value
+    return out

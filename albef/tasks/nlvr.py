@@ -1,0 +1,76 @@
+"""NLVR2 fine-tuning (ALBEF NLVR.py): is the sentence true of the pair of images?
+
+    albef-nlvr --config configs/nlvr.yaml --init-from TA_OR_PRETRAIN_CHECKPOINT [key.sub=value ...]
+    torchrun --nproc_per_node=8 -m albef.tasks.nlvr --config configs/nlvr.yaml --init-from ...
+    albef-nlvr --config configs/nlvr.yaml --evaluate --init-from NLVR_CHECKPOINT.pth
+
+The BERT has every fusion layer twice; the layers attend to image 0 and image 1 in turn and each
+pair shares its cross-attention key/value. `--init-from` accepts:
+
+* a text-assignment checkpoint (albef-nlvr-pretrain, or ALBEF's Pretrain_nlvr.py): loaded as it
+  is (ALBEF NLVR.py); the momentum encoders start as copies of the loaded weights;
+* a pretraining / retrieval checkpoint (12-layer BERT): mapped with ALBEF Pretrain_nlvr.py's
+  layer rule first (fusion layer n -> 2(n-F)+F and 2(n-F)+F+1), then as above;
+* an NLVR2 checkpoint (ours or ALBEF's model_nlvr): loaded as it is, momentum copies included.
+
+Evaluation: accuracy on eval.val_files (dev) and eval.test_files (test-P).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import torch
+
+from albef.checkpoint import CheckpointError, LoadReport, load_weights
+from albef.cli import run_task
+from albef.models.classify import Classifier, double_fusion_layers, num_layers, with_momentum_copies
+from albef.tasks.ve import MOMENTUM, PRETRAIN_ONLY, VETask
+
+# TA-only keys (ALBEF NLVR.py leaves them unexpected).
+TA_ONLY = ("ta_head",)
+
+
+def map_to_nlvr(state: dict[str, torch.Tensor], model_layers: int, fusion_layer: int, distill: bool,
+                source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A pretraining, TA or NLVR2 state dict (our key names) mapped onto the NLVR2 layout.
+
+    One fusion stack (pretraining): `double_fusion_layers`. Momentum encoders: kept when the file
+    has NLVR2-layout ones, else copies of the (mapped) student when `distill`.
+    """
+    found = num_layers(state)
+    single = fusion_layer + (model_layers - fusion_layer) // 2
+    if found == single:
+        state = with_momentum_copies(double_fusion_layers(state, fusion_layer)) if distill else \
+            double_fusion_layers(state, fusion_layer)
+    elif found != model_layers:
+        raise CheckpointError(
+            f"{source}: its text encoder has {found} layers; NLVR2 needs {single} (a pretraining checkpoint) or "
+            f"{model_layers} (a TA / NLVR2 checkpoint) with model.text.fusion_layer={fusion_layer}")
+    elif distill and not any(k.startswith("text_encoder_m.") for k in state):
+        state = with_momentum_copies(state)
+    return state
+
+
+class NLVRTask(VETask):
+    """NLVR2 on the engine: a `Classifier` over two images, 2 classes (false, true)."""
+
+    name = "nlvr"
+    kind = "nlvr"
+    num_classes = 2
+    num_images = 2
+    label_names = {0: False, 1: True}
+
+    def init_weights(self, model: Classifier, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+        config = model.text_encoder.config
+        state = map_to_nlvr(state, config.num_hidden_layers, config.fusion_layer, model.distill, source)
+        unused = list(PRETRAIN_ONLY) + list(TA_ONLY) + ([] if model.distill else list(MOMENTUM))
+        return load_weights(model, state, source, unused=unused, new=["cls_head", "cls_head_m"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_task(NLVRTask, argv, prog="albef-nlvr", description="ALBEF NLVR2 fine-tuning and evaluation")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""NLVR2's text-assignment (TA) pretraining stage (ALBEF Pretrain_nlvr.py): on image-caption
+pairs, each caption is shown with two images of the batch and the model says which one it
+describes (image 0, image 1, or neither). Its checkpoint initialises NLVR2 fine-tuning.
+
+    albef-nlvr-pretrain --config configs/nlvr_pretrain.yaml --init-from ALBEF_PRETRAIN.pth
+    torchrun --nproc_per_node=8 -m albef.tasks.nlvr_pretrain --config configs/nlvr_pretrain.yaml \
+        --init-from ALBEF_PRETRAIN.pth
+    albef-nlvr --config configs/nlvr.yaml --init-from RUN_DIR   # then NLVR2 from the TA run
+
+Data: the pretraining caption files (data.train_files). `--init-from` a pretraining checkpoint
+applies ALBEF's rule: text layers as they are, fusion layer n -> layers 2(n-F)+F and
+2(n-F)+F+1; the ViT, vision_proj, text_proj and temp load as they are; momentum copies, queues,
+ITM and MLM heads are unused; `ta_head` starts fresh. A TA checkpoint loads as it is.
+
+ALBEF has no evaluation for this stage; with eval.val_files / eval.test_files (caption files)
+this task reports the TA accuracy (%) with a fixed draw of the image pairs (chance is 1/3 to
+2/3 depending on the model's guesses; always answering 'image 0 or 1' scores about 33%).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from albef.checkpoint import CheckpointError, LoadReport, load_weights
+from albef.cli import run_task
+from albef.config import Config, ConfigError
+from albef.data.collate import Collator
+from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations
+from albef.data.transforms import eval_transform
+from albef.dist import DistInfo
+from albef.models import build_tokenizer
+from albef.models.classify import TextAssignment, build_text_assignment, double_fusion_layers, num_layers
+from albef.tasks.pretrain import PretrainTask
+from albef.tasks.retrieval import _autocast
+from albef.tasks.ve import PRETRAIN_ONLY
+
+# Everything of a pretraining checkpoint TA does not use (ALBEF: unexpected keys).
+TA_UNUSED = tuple(k for k in PRETRAIN_ONLY if k not in ("vision_proj", "text_proj", "temp")) + (
+    "visual_encoder_m", "text_encoder_m", "cls_head", "cls_head_m")
+
+
+class TextAssignmentTask(PretrainTask):
+    """The caption data and loader of pretraining, the TA model and loss."""
+
+    name = "nlvr_pretrain"
+    best_metric = None  # ALBEF keeps every epoch's checkpoint and uses the last
+
+    def check(self, cfg: Config, training: bool = True) -> None:
+        if training and cfg.train.batch_size < 3:
+            raise ConfigError(f"train.batch_size: text assignment draws two other images of the batch per "
+                              f"caption, so it needs at least 3 (got {cfg.train.batch_size})")
+        for files in (cfg.eval.val_files, cfg.eval.test_files):
+            if files:
+                load_annotations(files)
+
+    def build_model(self, cfg: Config) -> TextAssignment:
+        return build_text_assignment(cfg)
+
+    def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        return {k: out[k] for k in ("loss", "loss_ta", "acc")}
+
+    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
+        pass  # no momentum encoders, no queues
+
+    def find_unused_parameters(self, cfg: Config) -> bool:
+        return True  # text_proj and temp get no gradient (nor does vision_proj: it only picks images)
+
+    def init_weights(self, model: TextAssignment, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+        config = model.text_encoder.config
+        fusion, layers = config.fusion_layer, config.num_hidden_layers
+        found = num_layers(state)
+        if found == fusion + (layers - fusion) // 2:
+            state = double_fusion_layers(state, fusion)
+        elif found != layers:
+            raise CheckpointError(f"{source}: its text encoder has {found} layers; text assignment needs "
+                                  f"{fusion + (layers - fusion) // 2} (pretraining) or {layers} (TA)")
+        return load_weights(model, state, source, unused=list(TA_UNUSED), new=["ta_head"])
+
+    @torch.no_grad()
+    def evaluate(self, model: TextAssignment, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
+        """TA accuracy (%) over the split's caption files, the image pairs drawn with a generator
+        seeded by `seed` (the same draw for every evaluation of a run). Every rank computes it."""
+        files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
+        transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
+        dataset = CaptionDataset(files, cfg.eval.image_root, transform, cfg.data.max_words)
+        loader = build_eval_loader(dataset, Collator(build_tokenizer(cfg), cfg.data.max_tokens),
+                                   batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
+        generator = torch.Generator(dist.device).manual_seed(cfg.seed)
+        correct = total = 0
+        with _autocast(dist.device, cfg.train.precision):
+            for batch in loader:
+                if len(batch["index"]) < 3:
+                    continue
+                out = model(batch["images"].to(dist.device), batch["input_ids"].to(dist.device),
+                            batch["attention_mask"].to(dist.device), generator=generator)
+                correct += int((out["logits"].argmax(dim=1) == out["labels"]).sum())
+                total += len(out["labels"])
+        return {"acc": 100.0 * correct / max(total, 1), "num_samples": total}
+
+    def format_result(self, result: dict[str, float]) -> str:
+        return f"text-assignment accuracy {result['acc']:.2f}% on {result['num_samples']} captions (chance 33.33%)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_task(TextAssignmentTask, argv, prog="albef-nlvr-pretrain",
+                    description="ALBEF NLVR2 text-assignment pretraining")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""SNLI-VE fine-tuning (ALBEF VE.py): does the image entail, contradict or say nothing about the
+sentence? Also the base of the NLVR2 task (albef/tasks/nlvr.py).
+
+    albef-ve --config configs/ve.yaml --init-from ALBEF.pth [--output-dir DIR] [key.sub=value ...]
+    torchrun --nproc_per_node=8 -m albef.tasks.ve --config configs/ve.yaml --init-from ALBEF.pth
+    albef-ve --config configs/ve.yaml --evaluate --init-from VE_CHECKPOINT.pth
+
+Training: the fused [CLS] state through `cls_head`; loss (1 - alpha) CE + alpha soft-CE against
+the momentum model's softmax (model.distill). Evaluation: accuracy (%) on eval.val_files (each
+epoch; best.pt keeps the best) and eval.test_files (best.pt at the end), next to the majority-class
+baseline; predictions go to OUTPUT_DIR/predictions/{split}.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.utils.data import Subset
+
+from albef.checkpoint import LoadReport, load_weights
+from albef.cli import run_task
+from albef.config import Config, ConfigError
+from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
+from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
+from albef.data.transforms import eval_transform, train_transform
+from albef.dist import DistInfo
+from albef.models import build_tokenizer
+from albef.models.classify import Classifier, build_classifier, with_momentum_copies
+from albef.tasks.retrieval import _autocast  # inference autocast, shared with retrieval
+
+# Keys of a pretraining (or retrieval) checkpoint that a classifier does not use.
+PRETRAIN_ONLY = (
+    "text_encoder.cls", "text_encoder_m.cls", "vision_proj", "vision_proj_m", "text_proj", "text_proj_m",
+    "itm_head", "temp", "image_queue", "text_queue", "idx_queue", "queue_ptr",
+)
+MOMENTUM = ("visual_encoder_m", "text_encoder_m", "cls_head_m")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Percentage of predictions equal to their label."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    return 100.0 * sum(int(p == y) for p, y in zip(predictions, labels)) / max(len(labels), 1)
+
+
+class VETask:
+    """SNLI-VE on the engine: a `Classifier` over one image, 3 classes."""
+
+    name = "ve"
+    kind = "ve"  # ReasoningDataset kind
+    num_classes = len(VE_LABELS)
+    num_images = 1
+    best_metric = "acc"
+    label_names = {v: k for k, v in VE_LABELS.items()}
+
+    def __init__(self) -> None:
+        self.loader = None  # built once: its workers persist across epochs
+        self._momentum_due = True  # the EMA runs before the first momentum forward of each step
+
+    # ------------------------------------------------------------------------- engine hooks
+
+    def check(self, cfg: Config, training: bool = True) -> None:
+        """Preflight: every annotation file used parses (AnnotationError names file and entry)."""
+        load = load_ve_annotations if self.kind == "ve" else load_nlvr_annotations
+        for files in ((cfg.data.train_files,) if training else ()) + (cfg.eval.val_files, cfg.eval.test_files):
+            if files:
+                load(files)
+        if training and cfg.data.format != "json":
+            raise ConfigError(f"data.format: {self.name} reads JSON annotation files (got {cfg.data.format!r})")
+
+    def build_model(self, cfg: Config) -> Classifier:
+        return build_classifier(cfg, self.num_classes, self.num_images)
+
+    def build_train_loader(
+        self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
+    ) -> tuple[Iterable[dict[str, Any]], int]:
+        if self.loader is None:
+            d = cfg.data
+            transform = train_transform(cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip)
+            dataset = ReasoningDataset(self.kind, d.train_files, d.image_root, transform, d.max_words, cfg.seed)
+            self.loader = build_train_loader(
+                dataset, LabelCollator(build_tokenizer(cfg), d.max_tokens), batch_size=cfg.train.batch_size,
+                num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
+        set_epoch(self.loader, epoch, consumed)
+        return self.loader, len(self.loader.dataset) // dist.world_size // cfg.train.batch_size
+
+    def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
+        inner = unwrap(model)
+        if inner.distill and self._momentum_due:  # ALBEF: EMA, then the momentum forward
+            inner.momentum_update()
+            self._momentum_due = False
+        labels = batch["labels"]
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], targets=labels, alpha=alpha)
+        out["acc"] = (out.pop("logits").argmax(dim=1) == labels).float().mean()
+        return out
+
+    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
+        self._momentum_due = True
+
+    def find_unused_parameters(self, cfg: Config) -> bool:
+        return False
+
+    def init_weights(self, model: Classifier, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+        """ALBEF VE.py: a pretraining / retrieval checkpoint gives the ViT and the text encoder,
+        momentum copies included; `cls_head(_m)` start fresh (and equal). A VE checkpoint loads
+        as it is. A file without momentum copies (distill off) gives them the student's weights."""
+        if model.distill and not any(k.startswith("visual_encoder_m.") for k in state):
+            state = with_momentum_copies(state, replace=False)
+        unused = list(PRETRAIN_ONLY) + ([] if model.distill else list(MOMENTUM))
+        return load_weights(model, state, source, unused=unused, new=["cls_head", "cls_head_m"])
+
+    # ------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model: Classifier, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
+        """Accuracy (%) of the student on `split`; each rank scores every world_size-th sample."""
+        files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
+        transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
+        dataset = ReasoningDataset(self.kind, files, cfg.eval.image_root, transform, cfg.data.max_words)
+        shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+        loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg), cfg.eval.max_tokens),
+                                   batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
+        indices, predictions = [], []
+        with _autocast(dist.device, cfg.train.precision):
+            for batch in loader:
+                if len(batch["index"]) == 0:
+                    continue
+                images = batch["images"].to(dist.device, non_blocking=True)
+                logits = model(images, batch["input_ids"].to(dist.device), batch["attention_mask"].to(dist.device))
+                indices += batch["index"].tolist()
+                predictions += logits.argmax(dim=1).tolist()
+        if dist.world_size > 1:
+            parts: list[Any] = [None] * dist.world_size
+            torch_dist.all_gather_object(parts, (indices, predictions))
+            indices = [i for part in parts for i in part[0]]
+            predictions = [p for part in parts for p in part[1]]
+        predicted = dict(zip(indices, predictions))
+        labels = dataset.labels
+        # An unreadable sample counts as wrong (it has no prediction).
+        ordered = [predicted.get(i, -1) for i in range(len(labels))]
+        majority = Counter(labels).most_common(1)[0][1] if labels else 0
+        result = {
+            "acc": accuracy(ordered, labels),
+            "majority_acc": 100.0 * majority / max(len(labels), 1),
+            "num_samples": len(labels),
+            "num_unreadable": len(labels) - len(predicted),
+        }
+        if dist.rank == 0:
+            self._write_predictions(Path(cfg.output_dir) / "predictions" / f"{split}.jsonl", dataset, ordered)
+        return result
+
+    def _write_predictions(self, path: Path, dataset: ReasoningDataset, predictions: list[int]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fp:
+            for ann, pred in zip(dataset.samples, predictions):
+                row = {"images": ann["images"], "sentence": ann["sentence"],
+                       "label": self.label_names[ann["label"]], "prediction": self.label_names.get(pred)}
+                fp.write(json.dumps(row) + "\n")
+
+    def format_result(self, result: dict[str, float]) -> str:
+        return (f"accuracy {result['acc']:.2f}% on {result['num_samples']} samples "
+                f"(majority class {result['majority_acc']:.2f}%, unreadable {result['num_unreadable']})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_task(VETask, argv, prog="albef-ve", description="ALBEF SNLI-VE fine-tuning and evaluation")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
