@@ -41,7 +41,7 @@ def _config(bert_dir, image_size=64, queue_size=64, **vision):
     tiny_vit = {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 16, "mlp_ratio": 4.0}
     return Config.from_dict({"model": {
         "embed_dim": 32, "queue_size": queue_size,
-        "vision": {"image_size": image_size, **tiny_vit, **vision},
+        "vision": {"image_size": image_size, "pretrained": False, **tiny_vit, **vision},
         "text": {"bert": str(bert_dir), "pretrained": False, "fusion_layer": 2},
     }})
 
@@ -128,7 +128,7 @@ def full_size_state(tmp_path_factory):
     (path / "config.json").write_text(json.dumps(config))
     vocab = [BERT_SPECIAL.get(i, f"tok{i}") for i in range(30522)]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    cfg = Config.from_dict({"model": {"text": {"bert": str(path), "pretrained": False}}})
+    cfg = Config.from_dict({"model": {"vision": {"pretrained": False}, "text": {"bert": str(path), "pretrained": False}}})
     with torch.device("meta"):
         return build_model(cfg).state_dict()
 
