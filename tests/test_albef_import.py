@@ -128,7 +128,7 @@ def full_size_state(tmp_path_factory):
     (path / "config.json").write_text(json.dumps(config))
     vocab = [BERT_SPECIAL.get(i, f"tok{i}") for i in range(30522)]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    cfg = Config.from_dict({"model": {"text": {"bert": str(path), "pretrained": False}}})
+    cfg = Config.from_dict({"model": {"vision": {"pretrained": False}, "text": {"bert": str(path), "pretrained": False}}})
     with torch.device("meta"):
         return build_model(cfg).state_dict()
 

@@ -491,6 +491,24 @@ def test_cli_trains_and_evaluates_on_a_tiny_generated_set(vqa_data, tmp_path):
     assert (run / "vqa_result_test.json").read_text() == first
 
 
+def test_two_process_training_and_evaluation_answer_every_question_once(vqa_data, tmp_path):
+    """`torchrun -m albef.tasks.vqa` (gloo): each rank answers its share, rank 0 writes them all, in
+    file order, and --evaluate of the trained weights in one process gives the same answers."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import run_torchrun
+    from albef.tasks.vqa import main
+
+    run = tmp_path / "run"
+    run_torchrun(["-m", "albef.tasks.vqa", *_cli_args(vqa_data, run, "train.max_steps=2", "train.batch_size=2",
+                                                       "eval.batch_size=2")])
+    results = json.loads((run / "vqa_result_test.json").read_text())
+    questions = json.loads(Path(vqa_data["test"]).read_text())
+    assert [r["question_id"] for r in results] == [q["question_id"] for q in questions]
+    assert main(_cli_args(vqa_data, tmp_path / "single", "--evaluate", "--init-from", str(run / "best.pt"))) == 0
+    assert json.loads((tmp_path / "single" / "vqa_result_test.json").read_text()) == results
+
+
 def test_cli_bad_answer_list_is_one_line_exit_2(vqa_data, tmp_path, capsys):
     from albef.tasks.vqa import main
 
