@@ -108,10 +108,9 @@ def test_wrong_size_config_names_keys_and_shapes(bert_dir):
     model = _model(bert_dir, embed_dim=128, num_heads=4)
     with pytest.raises(CheckpointError) as err:
         load_pretrained(model, TINY)
-    lines = str(err.value).splitlines()
-    assert "model.vision" in lines[0]
-    assert "70 tensors differ in shape" in lines[0] and lines[-1] == "... and 50 more"
-    assert "vision_proj.weight: checkpoint [32, 64] vs model [32, 128]" in lines
+    message = str(err.value)
+    assert "\n" not in message and "model.vision" in message
+    assert "70 tensors differ in shape" in message and message.count(" vs model ") == 5 and "and 65 more" in message
 
 
 # ----------------------------------------------------------------------------- manifests
