@@ -82,7 +82,9 @@ def evaluation_weights(cfg: Config) -> str | None:
 
 
 def _fail(err: BaseException, code: int) -> int:
-    print(f"error: {err}", file=sys.stderr, flush=True)
+    # One write call: the lines of several ranks sharing a pipe must not interleave mid-line.
+    sys.stderr.write(f"error: {err}\n")
+    sys.stderr.flush()
     return code
 
 
