@@ -7,7 +7,6 @@ The forward changes no state besides the RNG: the engine calls `momentum_update(
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 from albef import dist
 from albef.losses import ITC_KINDS, itc_loss, itc_stats, itc_targets, itm_loss, mlm_loss
 from albef.models.bert import TextEncoder
-from albef.models.momentum import enqueue_, momentum_update
+from albef.models.momentum import MomentumModel, enqueue_, momentum_copy
 
 LOSS_TERMS = ("itc", "itm", "mlm")
 ITM_NEGATIVES = ("local", "global")
@@ -141,7 +140,7 @@ class FusionBatch:
         return torch.cat(states), torch.cat(masks), torch.cat(kv_index), (torch.cat(batch), torch.cat(position)), sizes
 
 
-class ALBEF(nn.Module):
+class ALBEF(MomentumModel):
     def __init__(
         self,
         visual_encoder: nn.Module,
@@ -189,19 +188,15 @@ class ALBEF(nn.Module):
         self.itm_head = nn.Linear(text_width, 2)
         self.temp = nn.Parameter(torch.tensor(temp))
 
-        self.visual_encoder_m = self._momentum_copy(self.visual_encoder)
-        self.vision_proj_m = self._momentum_copy(self.vision_proj)
-        self.text_encoder_m = self._momentum_copy(self.text_encoder)
-        self.text_proj_m = self._momentum_copy(self.text_proj)
+        self.visual_encoder_m = momentum_copy(self.visual_encoder)
+        self.vision_proj_m = momentum_copy(self.vision_proj)
+        self.text_encoder_m = momentum_copy(self.text_encoder)
+        self.text_proj_m = momentum_copy(self.text_proj)
 
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, queue_size), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @staticmethod
-    def _momentum_copy(module: nn.Module) -> nn.Module:
-        return copy.deepcopy(module).requires_grad_(False)
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [
@@ -433,15 +428,6 @@ class ALBEF(nn.Module):
         return labels, sample_weight
 
     # ----------------------------------------------------------------------------- state updates
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """EMA of the online parameters into the momentum copies (one fused call)."""
-        online, momentum = [], []
-        for model, model_m in self._momentum_pairs():
-            online.extend(model.parameters())
-            momentum.extend(model_m.parameters())
-        momentum_update(online, momentum, self.momentum)
 
     @torch.no_grad()
     def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, ids: Tensor) -> None:

@@ -25,7 +25,7 @@ from transformers import BertConfig
 
 from albef.losses import classification_distill_loss
 from albef.models.bert import TextEncoder, bert_config, read_bert_weights
-from albef.models.momentum import momentum_update
+from albef.models.momentum import MomentumModel, momentum_copy
 from albef.models.vision import build_vision_encoder
 
 TA_TEMP = 0.07  # ALBEF's TA forward divides by this literal, not by its `temp` parameter
@@ -60,11 +60,7 @@ def share_cross_attention(bert: nn.Module) -> None:
             getattr(first, name).bias = getattr(second, name).bias
 
 
-def _momentum_copy(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module).requires_grad_(False)  # deepcopy keeps shared parameters shared
-
-
-class Classifier(nn.Module):
+class Classifier(MomentumModel):
     """SNLI-VE (`num_images=1`, 3 classes) or NLVR2 (`num_images=2`, 2 classes) classifier.
 
     `forward(images, input_ids, attention_mask)` gives the student's logits [B, classes];
@@ -94,11 +90,13 @@ class Classifier(nn.Module):
             share_cross_attention(text_encoder.bert)
         self.cls_head = classifier_head(text_encoder.config.hidden_size, num_classes)
         if distill:
-            self.visual_encoder_m = _momentum_copy(self.visual_encoder)
-            self.text_encoder_m = _momentum_copy(self.text_encoder)
-            self.cls_head_m = _momentum_copy(self.cls_head)
+            self.visual_encoder_m = momentum_copy(self.visual_encoder)
+            self.text_encoder_m = momentum_copy(self.text_encoder)
+            self.cls_head_m = momentum_copy(self.cls_head)
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        if not self.distill:
+            return []
         return [
             (self.visual_encoder, self.visual_encoder_m),
             (self.text_encoder, self.text_encoder_m),
@@ -137,16 +135,6 @@ class Classifier(nn.Module):
             self.visual_encoder_m, self.text_encoder_m, self.cls_head_m, images, input_ids, attention_mask
         )
 
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """EMA of the student into the momentum copies: m <- m * momentum + s * (1 - momentum)."""
-        if not self.distill:
-            return
-        online, momentum = [], []
-        for model, model_m in self._momentum_pairs():
-            online.extend(model.parameters())
-            momentum.extend(model_m.parameters())
-        momentum_update(online, momentum, self.momentum)
 
 
 def assign_images(weights: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:

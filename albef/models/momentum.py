@@ -1,17 +1,55 @@
-"""Momentum (EMA) parameter update and the feature-queue ring buffer."""
+"""Momentum (EMA) copies and their update, and the feature-queue ring buffer."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @torch.no_grad()
 def momentum_update(online_params: list[Tensor], momentum_params: list[Tensor], m: float) -> None:
     """EMA in one fused call: momentum <- m * momentum + (1 - m) * online."""
     torch._foreach_lerp_(momentum_params, online_params, 1.0 - m)
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of `module` to be the EMA of it (deepcopy keeps shared parameters shared)."""
+    return copy.deepcopy(module).requires_grad_(False)
+
+
+class MomentumModel(nn.Module):
+    """Base of the models with momentum copies: a subclass sets `self.momentum` and lists its
+    (online, momentum) module pairs in `_momentum_pairs()`; the engine calls `momentum_update()`
+    once per optimizer step."""
+
+    momentum: float
+
+    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return []
+
+    def _paired_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
+        online, momentum = [], []
+        for model, model_m in self._momentum_pairs():
+            online.extend(model.parameters())
+            momentum.extend(model_m.parameters())
+        return online, momentum
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA of the online parameters into the momentum copies (one fused call)."""
+        online, momentum = self._paired_parameters()
+        if online:
+            momentum_update(online, momentum, self.momentum)
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Momentum copies := online weights (ALBEF's `copy_params`, after an initialisation)."""
+        online, momentum = self._paired_parameters()
+        for p, p_m in zip(online, momentum, strict=True):
+            p_m.copy_(p)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from albef.losses import answer_sequence_loss
 from albef.models.bert import TextEncoder, _key_mask
-from albef.models.momentum import momentum_update
+from albef.models.momentum import MomentumModel, momentum_copy
 
 # Keys of an ALBEF pretraining checkpoint the VQA model has no place for.
 UNUSED_FROM_PRETRAIN = (
@@ -77,7 +77,7 @@ def decoder_config(encoder_config: Any) -> Any:
     return config
 
 
-class VQAModel(nn.Module):
+class VQAModel(MomentumModel):
     def __init__(
         self,
         visual_encoder: nn.Module,
@@ -97,9 +97,9 @@ class VQAModel(nn.Module):
         self.text_encoder = text_encoder
         self.text_decoder = text_decoder
         if distill:
-            self.visual_encoder_m = copy.deepcopy(visual_encoder).requires_grad_(False)
-            self.text_encoder_m = copy.deepcopy(text_encoder).requires_grad_(False)
-            self.text_decoder_m = copy.deepcopy(text_decoder).requires_grad_(False)
+            self.visual_encoder_m = momentum_copy(visual_encoder)
+            self.text_encoder_m = momentum_copy(text_encoder)
+            self.text_decoder_m = momentum_copy(text_decoder)
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         if not self.distill:
@@ -109,23 +109,6 @@ class VQAModel(nn.Module):
             (self.text_encoder, self.text_encoder_m),
             (self.text_decoder, self.text_decoder_m),
         ]
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Momentum copies := online weights (ALBEF's `copy_params`, after an initialisation)."""
-        for model, model_m in self._momentum_pairs():
-            for p, p_m in zip(model.parameters(), model_m.parameters(), strict=True):
-                p_m.copy_(p)
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """EMA of the online parameters into the momentum copies (engine: once per optimizer step)."""
-        online, momentum = [], []
-        for model, model_m in self._momentum_pairs():
-            online.extend(model.parameters())
-            momentum.extend(model_m.parameters())
-        if online:
-            momentum_update(online, momentum, self.momentum)
 
     def encode_question(self, images: Tensor, question_ids: Tensor, question_mask: Tensor, momentum: bool = False
                         ) -> Tensor:
