@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from albef.checkpoint import load_checkpoint_file, map_albef_keys, read_model_state, resample_pos_embed
-from albef.config import Config, load_config
+from albef.config import Config
 from albef.engine.trainer import init_weights
 from albef.tasks.retrieval import RetrievalTask
 from conftest import DOWNSTREAM, ORIGINAL, needs_original, write_original_bert

@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from albef.checkpoint import read_model_state, resample_pos_embed, save_pretrained
-from albef.config import Config, load_config
+from albef.config import Config
 from albef.data.datasets import AnnotationError
-from albef.data.reasoning import LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
+from albef.data.reasoning import ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.synthetic import generate_reasoning_sets
 from albef.data.transforms import eval_transform
 from albef.losses import classification_distill_loss
-from albef.models.classify import (Classifier, assign_images, build_classifier, build_text_assignment,
-                                   double_fusion_layers, share_cross_attention)
+from albef.models.classify import assign_images, build_classifier, build_text_assignment, double_fusion_layers
 from albef.tasks import nlvr, nlvr_pretrain, ve
 from albef.tasks.nlvr import NLVRTask
 from albef.tasks.nlvr_pretrain import TextAssignmentTask
