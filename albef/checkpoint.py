@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 __all__ = [
     "CheckpointError", "LoadReport", "load_checkpoint_file", "save_checkpoint", "find_latest",
-    "checkpoint_dir", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
+    "checkpoint_dir", "best_checkpoint", "run_weights", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
     "save_pretrained", "tmp_checkpoint_dir", "publish_checkpoint_dir", "is_dcp_checkpoint",
     "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state", "check_dcp_directory",
     "load_dcp_state", "checkpoint_step", "read_model_state", "load_weights",
@@ -389,6 +389,20 @@ def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
     """Where the engine keeps a run's checkpoints."""
     return Path(output_dir) / "checkpoints"
+
+
+def best_checkpoint(output_dir: str | os.PathLike) -> Path:
+    """Where a run keeps the weights (and config) of its best evaluation: OUTPUT_DIR/best.pt."""
+    return Path(output_dir) / "best.pt"
+
+
+def run_weights(run_dir: str | os.PathLike) -> Path | None:
+    """The weights a run directory stands for: its best.pt, else its newest intact checkpoint
+    (in RUN/checkpoints or RUN itself), else None."""
+    best = best_checkpoint(run_dir)
+    if best.is_file():
+        return best
+    return find_latest(checkpoint_dir(run_dir)) or find_latest(run_dir)
 
 
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:

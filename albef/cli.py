@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from albef.checkpoint import CheckpointError, checkpoint_dir, find_latest, resolve_resume
+from albef.checkpoint import CheckpointError, resolve_resume, run_weights
 from albef.config import Config, ConfigError, check_model_config, check_paths, load_config
 from albef.data.datasets import AnnotationError, BadDataError
 from albef.dist import destroy_distributed, init_distributed
@@ -74,11 +73,8 @@ def evaluation_weights(cfg: Config) -> str | None:
     run's newest checkpoint, else nothing (the freshly built model, e.g. zero-shot from init)."""
     if cfg.model.init_checkpoint:
         return cfg.model.init_checkpoint
-    best = Path(cfg.output_dir) / "best.pt"
-    if best.is_file():
-        return str(best)
-    latest = find_latest(checkpoint_dir(cfg.output_dir))
-    return str(latest) if latest else None
+    weights = run_weights(cfg.output_dir)
+    return str(weights) if weights else None
 
 
 def _fail(err: BaseException, code: int) -> int:

@@ -25,8 +25,8 @@ import yaml
 from PIL import Image
 from torch import Tensor
 
-from albef.checkpoint import (CheckpointError, checkpoint_dir, find_latest, is_dcp_checkpoint, load_checkpoint_file,
-                              load_weights, map_albef_keys, read_model_state, unwrap_model_state)
+from albef.checkpoint import (CheckpointError, is_dcp_checkpoint, load_checkpoint_file, load_weights, map_albef_keys,
+                              read_model_state, run_weights, unwrap_model_state)
 from albef.config import Config, load_config
 from albef.data.captions import pre_caption
 from albef.data.transforms import eval_transform
@@ -122,9 +122,7 @@ class ALBEFInference:
 
 def _weights_file(path: Path) -> Path:
     """The weights of a run directory: best.pt, else its newest checkpoint."""
-    if (path / "best.pt").is_file():
-        return path / "best.pt"
-    found = find_latest(checkpoint_dir(path)) or find_latest(path)
+    found = run_weights(path)
     if found is None:
         raise CheckpointError(f"{path}: no best.pt and no step_*.pt / step_*.dcp checkpoint; pass a weight file "
                               "or a run directory")

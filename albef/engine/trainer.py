@@ -27,7 +27,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, checkpoint_dir, checkpoint_step,
+from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, best_checkpoint, checkpoint_dir, checkpoint_step,
                               is_dcp_checkpoint, load_checkpoint_file, load_pretrained, load_training_state, load_weights,
                               read_model_state, resolve_resume, save_pretrained)
 from albef.config import Config, ConfigError, save_config
@@ -495,7 +495,7 @@ class Trainer:
 
     @property
     def best_path(self) -> Path:
-        return self.output_dir / "best.pt"
+        return best_checkpoint(self.output_dir)
 
     def evaluate_and_keep_best(self, epoch: int) -> dict[str, float] | None:
         """Evaluate on val (every rank takes part); rank 0 logs the metrics and, when the task's
