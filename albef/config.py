@@ -109,6 +109,9 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     caption_list: Literal["random", "expand"] = "random"  # ALBEF: one caption drawn per access
     jpeg_draft: bool = False  # decode large JPEGs at 1/2..1/8 scale where every crop stays >= image_size
+    # where training images are decoded and augmented: 'workers' (PIL in the DataLoader workers, as
+    # ALBEF) or 'device' (JPEG bytes to the training device: nvJPEG + tensor transforms on CUDA)
+    decode: Literal["workers", "device"] = "workers"
 
 
 @dataclass
@@ -545,6 +548,15 @@ def check_data_files(cfg: Config, training: bool = True) -> None:
             shard_urls(cfg.data.shards)
         except FileNotFoundError as err:
             raise origins.error("data.shards", str(err)) from None
+
+
+def check_worker_decode(cfg: Config, task: str) -> None:
+    """For tasks whose datasets decode in the workers only: data.decode=device is a ConfigError."""
+    if cfg.data.decode != "workers":
+        origins = getattr(cfg, "_origins", _Origins("<config>"))
+        raise origins.error("data.decode", f"{task} decodes its training images in the DataLoader workers only "
+                                           f"(data.decode=device serves the image-caption tasks: pretrain, "
+                                           f"retrieval, grounding); set data.decode=workers")
 
 
 def check_model_config(cfg: Config) -> None:

@@ -5,12 +5,14 @@ runs on the device after warm-up; the script prints and writes as JSON: pairs/s,
 memory, analytic FLOPs (albef/flops.py), achieved TFLOP/s and MFU against a matmul rate it
 measures itself (bf16 on GPU, fp32 on CPU), per-phase times (hooks on the encoders; a separate
 run, since the hooks synchronise), and images/s per data worker on a demo corpus it writes
-(JSON annotations and WebDataset shards). Weights are random and nothing is downloaded: the BERT
+(JSON annotations and WebDataset shards; decode in the workers, or data.decode=device with the
+device's own decode + augment rate). Weights are random and nothing is downloaded: the BERT
 comes from a local config with bert-base's sizes and a generated vocabulary.
 
     python scripts/benchmark.py --smoke                          # tiny, CPU, seconds
     python scripts/benchmark.py train.precision=bf16             # configs/pretrain.yaml on the GPU
     python scripts/benchmark.py --max-batch model.vision.grad_checkpointing=true ...
+    python scripts/benchmark.py --data-only --data-workers 1,2 --data-images 256   # the input pipeline only
     python scripts/benchmark.py --preset cpu --compare /path/to/other/tree --rounds 15
 
 `--compare TREE` is an A/B run: two worker processes, one importing `albef` from this tree and one
@@ -316,42 +318,64 @@ def largest_batch(cfg, device, start: int) -> dict:
 # ----------------------------------------------------------------------------- the data pipeline
 
 
-def data_report(cfg, image_size: int, num_images: int, workers: list[int], batches: int) -> dict:
-    """Images/s of the real training loader (decode, augment, tokenise, collate) on a demo corpus,
-    for each worker count and both formats (JSON annotations, WebDataset shards)."""
+def data_report(cfg, image_size: int, num_images: int, workers: list[int], batches: int, device) -> dict:
+    """Images/s of the real training loader (read, decode, augment, tokenise, collate) on a demo
+    corpus, for each worker count, both formats (JSON annotations, WebDataset shards) and both
+    decode paths. With data.decode=device the workers only read bytes and check JPEG headers;
+    the decode + augmentation of each batch then runs on `device` (timed apart, synchronised):
+    ``images_per_s`` is the loader alone, ``device_images_per_s`` the device stage alone."""
     import torch
 
     from albef.config import load_config
     from albef.data.synthetic import generate_corpus
     from albef.dist import DistInfo
+    from albef.engine.trainer import to_device
     from albef.tasks.pretrain import PretrainTask
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     results = []
     with tempfile.TemporaryDirectory() as out:
         corpus = generate_corpus(out, num_train=num_images, num_test=1, image_size=image_size,
                                  captions_per_image=1, shard_size=max(1, num_images // 4))
-        for fmt in ("json", "wds"):
-            for num_workers in workers:
-                data_cfg = load_config(None, [
-                    f"model.vision.image_size={cfg.model.vision.image_size}", f"model.text.bert={corpus['bert']}",
-                    f"data.train_files=[{corpus['train']}]", f"data.image_root={corpus['image_root']}",
-                    f"data.format={fmt}", f"data.shards={corpus['shards']}", f"data.num_samples={num_images}",
-                    f"data.num_workers={num_workers}", f"train.batch_size={cfg.train.batch_size}",
-                    f"data.max_tokens={cfg.data.max_tokens}",
-                ])
-                loader, _ = PretrainTask().build_train_loader(
-                    data_cfg, DistInfo(0, 1, 0, torch.device("cpu")), 0, 0)
-                it = iter(loader)
-                next(it)  # workers started, first batch out
-                start, images = time.perf_counter(), 0
-                for _, batch in zip(range(batches), it):
-                    images += len(batch["images"])
-                elapsed = time.perf_counter() - start
-                del it, loader
-                rate = images / elapsed
-                results.append({"format": fmt, "workers": num_workers, "images_per_s": rate,
-                                "images_per_s_per_worker": rate / max(1, num_workers),
-                                "source_image_px": image_size, "batches": batches})
+        for decode in ("workers", "device"):
+            for fmt in ("json", "wds"):
+                for num_workers in workers:
+                    data_cfg = load_config(None, [
+                        f"model.vision.image_size={cfg.model.vision.image_size}",
+                        f"model.text.bert={corpus['bert']}", f"data.train_files=[{corpus['train']}]",
+                        f"data.image_root={corpus['image_root']}", f"data.format={fmt}",
+                        f"data.shards={corpus['shards']}", f"data.num_samples={num_images}",
+                        f"data.num_workers={num_workers}", f"train.batch_size={cfg.train.batch_size}",
+                        f"data.max_tokens={cfg.data.max_tokens}", f"data.decode={decode}",
+                    ])
+                    loader, _ = PretrainTask().build_train_loader(
+                        data_cfg, DistInfo(0, 1, 0, torch.device("cpu")), 0, 0)
+                    it = iter(loader)
+                    first = next(it)  # workers started, first batch out
+                    if decode == "device":
+                        to_device(first, device)  # warm the decoder
+                    start, images, kept = time.perf_counter(), 0, []
+                    for _, batch in zip(range(batches), it):
+                        images += len(batch["images"])
+                        kept.append(batch)
+                    elapsed = time.perf_counter() - start
+                    del it, loader
+                    row = {"decode": decode, "format": fmt, "workers": num_workers,
+                           "images_per_s": images / elapsed,
+                           "images_per_s_per_worker": images / elapsed / max(1, num_workers),
+                           "source_image_px": image_size, "batches": batches}
+                    if decode == "device":
+                        sync()
+                        start = time.perf_counter()
+                        for batch in kept:
+                            to_device(batch, device)
+                        sync()
+                        row["device_images_per_s"] = images / (time.perf_counter() - start)
+                        row["device"] = str(device)
+                    results.append(row)
     return {"data_pipeline": results}
 
 
@@ -453,6 +477,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.add_argument("--no-data", action="store_true", help="skip the data pipeline timing")
+    parser.add_argument("--data-only", action="store_true", help="only the data pipeline timing")
     parser.add_argument("--data-workers", default=None, help="comma-separated worker counts (default 0,1,2,4,8)")
     parser.add_argument("--data-images", type=int, default=512, help="demo corpus size for the data timing")
     parser.add_argument("--data-image-size", type=int, default=384, help="side of the demo JPEGs")
@@ -492,9 +517,12 @@ def main() -> None:
             report = largest_batch(cfg, device, args.batch_size or cfg.train.batch_size)
             print(json.dumps(report, indent=1))
             return write_json(report, args.json)
-        report = step_report(cfg, cfg.train.batch_size, steps, warmup, 2 if args.smoke else args.phase_steps,
-                             device)
+        report = {} if args.data_only else step_report(
+            cfg, cfg.train.batch_size, steps, warmup, 2 if args.smoke else args.phase_steps, device)
     report["overrides"] = overrides
+    if args.data_only:
+        print_data_report(report, cfg, args, device)
+        return write_json(report, args.json)
     print(f"{report['device']}, torch {report['torch']}, {report['precision']}: "
           f"{report['trainable_params']:,} trainable params, batch {report['batch_size']}, "
           f"{report['image_size']} px, {report['text_length']} tokens")
@@ -509,14 +537,22 @@ def main() -> None:
     if "phases_ms" in report:
         print_phase_table({"this": report["phases_ms"]})
     if not args.no_data:
-        workers = [int(w) for w in args.data_workers.split(",")] if args.data_workers else (
-            [0, 1] if args.smoke else [0, 1, 2, 4, 8])
-        report.update(data_report(cfg, 64 if args.smoke else args.data_image_size,
-                                  32 if args.smoke else args.data_images, workers, 4 if args.smoke else 20))
-        for row in report["data_pipeline"]:
-            print(f"data {row['format']:>4}, {row['workers']} workers: {row['images_per_s']:.1f} images/s "
-                  f"({row['images_per_s_per_worker']:.1f} per worker)")
+        print_data_report(report, cfg, args, device)
     write_json(report, args.json)
+
+
+def print_data_report(report: dict, cfg, args, device) -> None:
+    """Run `data_report` with the command line's sizes, add it to `report` and print it."""
+    workers = [int(w) for w in args.data_workers.split(",")] if args.data_workers else (
+        [0, 1] if args.smoke else [0, 1, 2, 4, 8])
+    report.update(data_report(cfg, 64 if args.smoke else args.data_image_size,
+                              32 if args.smoke else args.data_images, workers, 4 if args.smoke else 20, device))
+    for row in report["data_pipeline"]:
+        line = (f"data decode={row['decode']:<7} {row['format']:>4}, {row['workers']} workers: "
+                f"{row['images_per_s']:.1f} images/s ({row['images_per_s_per_worker']:.1f} per worker)")
+        if "device_images_per_s" in row:
+            line += f"; decode + augment on {row['device']}: {row['device_images_per_s']:.1f} images/s"
+        print(line)
 
 
 def write_json(report: dict, path: str | None) -> None:

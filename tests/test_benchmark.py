@@ -64,8 +64,10 @@ def test_benchmark_smoke_writes_the_report(tmp_path):
     for phase in ("vit", "vit_m", "text", "text_m", "fusion", "fusion_m", "mlm_head", "backward", "optimizer",
                   "ema", "queue"):
         assert phase in report["phases_ms"], phase
-    assert {(row["format"], row["workers"]) for row in report["data_pipeline"]} == {("json", 0), ("wds", 0)}
+    assert {(row["decode"], row["format"], row["workers"]) for row in report["data_pipeline"]} == {
+        (decode, fmt, 0) for decode in ("workers", "device") for fmt in ("json", "wds")}
     assert all(row["images_per_s"] > 0 for row in report["data_pipeline"])
+    assert all(row["device_images_per_s"] > 0 for row in report["data_pipeline"] if row["decode"] == "device")
     assert "pairs/s" in out and "MFU" in out
 
 

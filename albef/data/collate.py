@@ -1,6 +1,7 @@
 """Tokenising collate, run inside the DataLoader workers.
 
-Returns the batch of docs/DESIGN.md: ``images`` float [B,3,H,W]; ``input_ids`` and
+Returns the batch of docs/DESIGN.md: ``images`` float [B,3,H,W] (with data.decode=device an
+`EncodedImages` that becomes that tensor when moved to the device); ``input_ids`` and
 ``attention_mask`` long [B,L] (padded to the longest caption, at most `max_tokens`; to exactly
 `max_tokens` with `pad_to_max`, so that every batch has the same shape); ``ids`` long
 [B] image ids; ``index`` long [B] dataset indices; ``skipped`` {reason: count} for the `BadSample`
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .datasets import BadSample
+from .device_decode import stack_images
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class Collator:
             return_tensors="pt",
         )
         return {
-            "images": torch.stack([s["image"] for s in good]),
+            "images": stack_images([s["image"] for s in good]),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             **batch,

@@ -39,7 +39,7 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .captions import pre_caption
+from .device_decode import EncodedImage, encode_for_device
 from .sampler import ResumableDistributedSampler
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -118,24 +119,26 @@ def _decode(fp: Any, name: str, draft_size: DraftSize | None = None) -> Image.Im
         raise SampleError(reason, f"{name}: {exn}") from exn
 
 
+def read_file(path: str) -> bytes:
+    """The bytes of an image file, or `SampleError` (missing / unreadable / empty)."""
+    try:
+        with open(path, "rb") as fp:
+            data = fp.read()
+    except FileNotFoundError as exn:
+        raise SampleError("missing", f"{path}: no such file") from exn
+    except OSError as exn:  # a directory, no permission, an I/O error: this sample's problem
+        raise SampleError("unreadable", f"{path}: {exn.strerror or exn}") from exn
+    if not data:
+        raise SampleError("empty_file", f"{path}: zero bytes")
+    return data
+
+
 def read_image(path: str, draft_size: DraftSize | None = None) -> Image.Image:
     """Load an image file as RGB or raise `SampleError` (missing/unreadable/empty/truncated/decode).
 
     `draft_size(size) -> (w, h) | None` lets a JPEG decode at a reduced scale (`PIL.Image.draft`;
     the transforms' ``draft_size``, set by data.jpeg_draft); None decodes at full size."""
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError as exn:
-        raise SampleError("missing", f"{path}: no such file") from exn
-    except OSError as exn:
-        raise SampleError("unreadable", f"{path}: {exn}") from exn
-    if size == 0:
-        raise SampleError("empty_file", f"{path}: zero bytes")
-    try:
-        with open(path, "rb") as fp:
-            return _decode(fp, path, draft_size)
-    except OSError as exn:  # a directory, no permission, an I/O error: this sample's problem
-        raise SampleError("unreadable", f"{path}: {exn.strerror or exn}") from exn
+    return decode_image(read_file(path), path, draft_size)
 
 
 def decode_image(data: bytes, name: str, draft_size: DraftSize | None = None) -> Image.Image:
@@ -143,6 +146,14 @@ def decode_image(data: bytes, name: str, draft_size: DraftSize | None = None) ->
     if not data:
         raise SampleError("empty_file", f"{name}: zero bytes")
     return _decode(io.BytesIO(data), name, draft_size)
+
+
+def decode_for(transform: Callable, data: bytes, name: str) -> Image.Image | EncodedImage:
+    """What `make_sample` hands to `transform`: the image decoded here with PIL, or with
+    ``transform.decode == 'device'`` (data.decode) the `EncodedImage` the device decodes."""
+    if getattr(transform, "decode", "workers") == "device":
+        return encode_for_device(data, name, decode_image)
+    return decode_image(data, name, getattr(transform, "draft_size", None))
 
 
 # ----------------------------------------------------------------------------- samples
@@ -166,7 +177,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def make_sample(
-    image: Image.Image | SampleError,
+    image: Image.Image | EncodedImage | SampleError,
     raw_caption: str,
     sample_id: int,
     index: int,
@@ -185,6 +196,9 @@ def make_sample(
         return BadSample("empty_caption", index, f"{name}: caption {raw_caption!r} is empty after cleaning")
     if isinstance(image, SampleError):
         return BadSample(image.reason, index, image.detail)
+    if isinstance(image, EncodedImage):  # data.decode=device: transformed after decoding on the device
+        image = replace(image, seed=sample_seed(seed, epoch, index), transform=transform)
+        return {"image": image, "caption": caption, "id": sample_id, "index": index}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sample_seed(seed, epoch, index))
         pixels = transform(image)
@@ -309,7 +323,7 @@ class CaptionDataset(Dataset):
         ann = self.samples[index]
         path = os.path.join(self.image_root, ann["image"])
         try:
-            image = read_image(path, getattr(self.transform, "draft_size", None))
+            image = decode_for(self.transform, read_file(path), path)
         except SampleError as exn:
             image = exn
         epoch, caption = self.epoch.get(), ann["caption"]
@@ -433,7 +447,7 @@ class ShardStream(IterableDataset):
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
                 raise SampleError("incomplete", f"{key}: no image ({'/'.join(IMAGE_KEYS)})")
-            image = decode_image(data, key, getattr(self.transform, "draft_size", None))
+            image = decode_for(self.transform, data, key)
         except SampleError as exn:
             image = exn
         numbered = enumerate(captions)

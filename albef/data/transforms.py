@@ -55,8 +55,9 @@ def albef_randaugment(num_layers: int = 2, level: int = _ALBEF_LEVEL, prob: floa
     return v2.Compose([v2.RandomApply([layer], p=prob) for _ in range(num_layers)])
 
 
-def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float], from_pil: bool = True) -> list[v2.Transform]:
+    first = [v2.PILToTensor()] if from_pil else []  # the device path feeds uint8 [3, H, W] tensors
+    return first + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 # ----------------------------------------------------------------------------- JPEG draft
@@ -97,9 +98,12 @@ def jpeg_draft_size(size: tuple[int, int], **limits) -> tuple[int, int] | None:
     return None if scale == 1 else (size[0] // scale, size[1] // scale)
 
 
-def _with_draft(compose: v2.Compose, draft_size: Callable | None) -> v2.Compose:
-    """Attach the decode hint the datasets read (``transform.draft_size``; None: full decode)."""
+def _with_draft(compose: v2.Compose, draft_size: Callable | None, decode: str = "workers") -> v2.Compose:
+    """Attach the decode hints the datasets read: ``transform.draft_size`` (None: full decode) and
+    ``transform.decode`` ('workers': PIL in the DataLoader workers; 'device': see
+    `albef.data.device_decode`)."""
     compose.draft_size = draft_size
+    compose.decode = decode
     return compose
 
 
@@ -114,8 +118,13 @@ def train_transform(
     hflip: bool = True,
     crop: bool = True,
     jpeg_draft: bool = False,
+    decode: str = "workers",
 ) -> v2.Compose:
     """ALBEF pretraining augmentation for RGB PIL images -> normalized float tensor [3, S, S].
+
+    With `decode='device'` (data.decode) the same pipeline takes uint8 [3, H, W] tensors and runs
+    on the training device after the batch's JPEGs are decoded there (`albef.data.device_decode`);
+    `jpeg_draft` does not apply (the device decodes at full size).
 
     `crop=False` resizes the whole image to S x S instead of a random resized crop (ALBEF's
     grounding training, whose expressions may name any part of the image). With `jpeg_draft`
@@ -130,13 +139,16 @@ def train_transform(
         steps.append(v2.RandomHorizontalFlip())
     if randaugment:
         steps.append(albef_randaugment())
+    if decode not in ("workers", "device"):
+        raise ValueError(f"decode must be 'workers' or 'device' (got {decode!r})")
     draft = None
+    jpeg_draft = jpeg_draft and decode == "workers"
     if jpeg_draft and crop:
         min_ratio = min(min(first.ratio), 1 / max(first.ratio))
         draft = partial(jpeg_draft_size, image_size=image_size, crop_scale_min=crop_scale[0], min_ratio=min_ratio)
     elif jpeg_draft:  # a whole-image resize needs both sides >= image_size, as eval's
         draft = partial(jpeg_draft_size, image_size=image_size)
-    return _with_draft(v2.Compose(steps + _to_normalized_tensor(mean, std)), draft)
+    return _with_draft(v2.Compose(steps + _to_normalized_tensor(mean, std, decode == "workers")), draft, decode)
 
 
 def eval_transform(

@@ -32,6 +32,7 @@ from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, bes
                               read_model_state, resolve_resume, save_pretrained)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
+from albef.data.device_decode import DeviceDecodeError, EncodedImages
 from albef.dist import DistInfo
 from albef.engine.fsdp import (clip_sharded_grads, gradient_sync, load_dcp_checkpoint, load_full_checkpoint,
                                replicated_params, save_dcp_checkpoint, shard_model, sync_replicated_grads)
@@ -135,7 +136,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on `device`; `EncodedImages` (data.decode=device) are decoded and
+    augmented there."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) or isinstance(v, EncodedImages) else v
+            for k, v in batch.items()}
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -379,7 +383,10 @@ class Trainer:
                         f"a whole batch of {cfg.train.batch_size} samples was unusable on rank "
                         f"{self.dist.rank} (see the warnings above): fix or remove the bad files")
                 continue
-            batch = to_device(batch, self.device)
+            try:
+                batch = to_device(batch, self.device)
+            except DeviceDecodeError as exn:  # data.decode=device: a file that fooled the header check
+                raise TrainingError(str(exn)) from None
             images += len(batch["images"])
             last = i == accum - 1
             with self._no_sync() if self.dist.world_size > 1 and not last else nullcontext():

@@ -265,7 +265,7 @@ class GroundingTask(RetrievalTask):
         """ALBEF's grounding augmentation: the whole image resized (no crop), flip, RandAugment."""
         d = cfg.data
         transform = train_transform(cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment,
-                                    d.hflip, crop=False)
+                                    d.hflip, crop=False, jpeg_draft=d.jpeg_draft, decode=d.decode)
         return GroundingTrainDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed)
 
     def evaluate(self, model: nn.Module, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:

@@ -53,8 +53,8 @@ class PretrainTask:
         """The training samples (a task with another annotation format overrides this)."""
         d = cfg.data
         transform = train_transform(
-            cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip, d.jpeg_draft
-        )
+            cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip, d.jpeg_draft,
+            decode=d.decode)
         if d.format == "wds":
             return webdataset_pipeline(d.shards, transform, d.max_words, cfg.seed, d.num_samples, d.caption_list)
         return CaptionDataset(d.train_files, d.image_root, transform, d.max_words, cfg.seed, d.caption_list)

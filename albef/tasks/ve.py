@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 
 from albef.checkpoint import LoadReport, load_weights
 from albef.cli import run_task
-from albef.config import Config, ConfigError
+from albef.config import Config, ConfigError, check_worker_decode
 from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.transforms import eval_transform, train_transform
@@ -75,6 +75,8 @@ class VETask:
     def check(self, cfg: Config, training: bool = True) -> None:
         """Preflight: every annotation file used parses (AnnotationError names file and entry)."""
         load = load_ve_annotations if self.kind == "ve" else load_nlvr_annotations
+        if training:
+            check_worker_decode(cfg, f"albef-{self.kind}")
         for files in ((cfg.data.train_files,) if training else ()) + (cfg.eval.val_files, cfg.eval.test_files):
             if files:
                 load(files)

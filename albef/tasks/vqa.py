@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 
 from albef.checkpoint import LoadReport, load_weights
 from albef.cli import run_task
-from albef.config import Config
+from albef.config import Config, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, set_epoch
 from albef.data.transforms import eval_transform, train_transform
 from albef.data.vqa import (VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions,
@@ -57,6 +57,7 @@ class VQATask:
         """Before anything is built: every question file and the answer list are well-formed
         (an AnnotationError is one line naming the file and entry)."""
         if training:
+            check_worker_decode(cfg, "albef-vqa")
             load_questions(cfg.data.train_files, need_answers=True)
         for files in (cfg.eval.val_files, cfg.eval.test_files):
             if files:
