@@ -324,3 +324,79 @@ def test_nan_image_features_skip_the_step_and_the_run_goes_on(corpus, tmp_path):
     assert_same(features.model.state_dict(), dropped.model.state_dict(), "model")
     assert_same(features.optimizer.state_dict(), dropped.optimizer.state_dict(), "optimizer")
     assert int(features.model.queue_ptr) == 8  # steps 1 and 3 enqueued, step 2 did not
+
+
+# ----------------------------------------------------------------------------- ops.py
+
+
+def test_take_rows_matches_index_select_forward_and_backward():
+    from albef.models.ops import take_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 3, requires_grad=True)
+    index = torch.tensor([0, 5, 5, 2, 0, 0, 3])
+    grad = torch.randn(7, 5, 4, 3).transpose(1, 2)  # a head-transposed (non-contiguous) gradient
+    expected = x.index_select(0, index)
+    (want,) = torch.autograd.grad(expected, x, grad)
+    got = take_rows(x, index)
+    (have,) = torch.autograd.grad(got, x, grad)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(have, want, rtol=0, atol=1e-6)
+    assert take_rows(x, None) is x and take_rows(None, index) is None
+
+
+def test_cpu_dropout_keeps_each_element_with_probability_1_minus_p():
+    from albef.models.ops import Dropout, keep_mask
+
+    torch.manual_seed(0)
+    for p in (0.1, 0.5, 0.9):
+        mask = keep_mask((1999, 1001), p).float()  # odd count: the last word's second half unused
+        assert mask.shape == (1999, 1001)
+        sd = (p * (1 - p) / mask.numel()) ** 0.5
+        assert abs(mask.mean().item() - (1 - p)) < 6 * sd
+        halves = mask.flatten()[:-1].view(-1, 2).mean(dim=0)  # both 32-bit halves of a word
+        assert (halves - (1 - p)).abs().max().item() < 6 * sd * 2 ** 0.5
+        pairs = mask.flatten()[:-1].view(-1, 2)  # halves of one word are independent
+        both = (pairs[:, 0] * pairs[:, 1]).mean().item()
+        assert abs(both - (1 - p) ** 2) < 6 * sd * 2 ** 0.5
+    layer = Dropout(0.1).train()
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), y)  # the torch generator decides: seeded runs repeat
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, kept.float() / 0.9)
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_sparse_word_embedding_gradient_equals_the_dense_one(tmp_path, monkeypatch):
+    """The MLM step's word-embedding gradient: a sparse lookup gradient added into the tied
+    decoder's dense one gives the same dense .grad as the stock dense lookup."""
+    from albef.models.bert import TextEncoder
+
+    model = no_dropout_model(tmp_path)
+    assert model.text_encoder.tied_mlm_decoder
+    batch = make_batch(4)
+    used = []
+    from albef.models import bert as bert_module
+
+    stock = bert_module.BertEmbeddings.forward
+
+    def spy(self, input_ids, sparse_grad=False):
+        used.append(sparse_grad)
+        return stock(self, input_ids, sparse_grad)
+
+    monkeypatch.setattr(bert_module.BertEmbeddings, "forward", spy)
+    losses, grads = losses_and_grads(model, batch)
+    assert True in used
+    monkeypatch.setattr(TextEncoder, "tied_mlm_decoder", property(lambda self: False))
+    used.clear()
+    dense_losses, dense_grads = losses_and_grads(model, batch)
+    assert used and not any(used)
+    assert_close_dicts(losses, dense_losses, rtol=0, atol=0)
+    assert_close_dicts(grads, dense_grads, rtol=1e-6, atol=1e-7)
+    name = "text_encoder.bert.embeddings.word_embeddings.weight"
+    assert grads[name].layout == torch.strided and grads[name].abs().sum() > 0

@@ -358,7 +358,8 @@ def _nlvr_split(out_dir: str, split: str, count: int, side: int, rng: random.Ran
 
 
 def generate_reasoning_sets(
-    out_dir: str, num_train: int = 2000, num_val: int = 200, num_test: int = 200, image_size: int = 64, seed: int = 1
+    out_dir: str, num_train: int = 10_000, num_val: int = 400, num_test: int = 400, image_size: int = 64,
+    seed: int = 1,
 ) -> dict[str, str]:
     """Write the VE and NLVR2 demo sets under `out_dir`; returns their annotation paths
     (``ve_train``, ``ve_val``, ``ve_test``, ``nlvr_train``, ...) and ``image_root``."""
@@ -434,8 +435,10 @@ def generate_vqa_set(out_dir: str, num_train: int = 2000, num_test: int = 200, i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the albef demo corpus.")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-test", type=int, default=200)
+    parser.add_argument("--num-train", type=int, default=None,
+                        help="training examples (default: 2000; 10000 with --reasoning)")
+    parser.add_argument("--num-test", type=int, default=None,
+                        help="test (and val) examples (default: 200; 400 with --reasoning)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--captions-per-image", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=500)
@@ -445,6 +448,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vqa", action="store_true",
                         help="write the VQA set of --num-train/--num-test new scenes instead (generate_vqa_set)")
     args = parser.parse_args(argv)
+    # NLVR2 needs more than the other demos: from 2,000 examples the demo checkpoint overfits at chance
+    if args.num_train is None:
+        args.num_train = 10_000 if args.reasoning else 2000
+    if args.num_test is None:
+        args.num_test = 400 if args.reasoning else 200
     if args.reasoning:
         paths = generate_reasoning_sets(
             args.out, args.num_train, args.num_test, args.num_test, args.image_size, args.seed)

@@ -271,7 +271,9 @@ class ALBEF(MomentumModel):
             mlm_batch, mlm_position = (labels != -100).nonzero(as_tuple=True)  # the step's one shape sync
         text_ids = torch.cat(([input_ids] if contrast else []) + ([masked_ids] if mlm else []))
         text_mask = attention_mask.repeat(int(contrast) + int(mlm), 1)
-        text_states = self.text_encoder.bert(text_ids, text_mask, mode="text")
+        # With masked tokens the tied MLM decoder's dense gradient absorbs the lookup's sparse one
+        sparse = mlm and len(mlm_batch) > 0 and torch.is_grad_enabled() and self.text_encoder.tied_mlm_decoder
+        text_states = self.text_encoder.bert(text_ids, text_mask, mode="text", sparse_embedding_grad=sparse)
         with torch.no_grad():
             text_states_m = self.text_encoder_m.bert(text_ids, text_mask, mode="text")
 

@@ -33,6 +33,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import cached_file
 
 from albef.checkpoint import LoadReport, load_checkpoint_file, load_weights
+from albef.models.ops import Dropout, take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ def _key_mask(mask: Tensor | None) -> Tensor | None:
     """[B, L] padding mask (1 = keep) -> boolean [B, 1, 1, L] for attention over keys."""
     return None if mask is None else mask.bool()[:, None, None, :]
 
-
-def _take(x: Tensor | None, index: Tensor | None) -> Tensor | None:
-    """Rows `index` of `x` (x itself when either is None); index_select, whose backward is an
-    index_add (faster than the index_put of `x[index]` on CPU)."""
-    return x if x is None or index is None else x.index_select(0, index)
 
 
 def _image_key_masks(mask: Tensor | list[Tensor] | None) -> Tensor | list[Tensor] | None:
@@ -89,11 +85,17 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, sparse_grad: bool = False) -> Tensor:
+        """`sparse_grad`: the word-embedding gradient comes as a sparse tensor of the looked-up
+        rows. Only for a step where a dense gradient of the same weight (the tied MLM decoder)
+        also arrives: autograd then adds the rows into it in place, instead of zero-filling a
+        [vocab, hidden] tensor and adding two of them; .grad is dense and the same."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        words = F.embedding(input_ids, self.word_embeddings.weight, self.word_embeddings.padding_idx,
+                            sparse=sparse_grad)
+        x = words + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         return self.dropout(self.LayerNorm(x))
 
 
@@ -105,7 +107,7 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(kv_width, config.hidden_size)
         self.value = nn.Linear(kv_width, config.hidden_size)
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.dropout = Dropout(config.attention_probs_dropout_prob)
         self.attention = attention
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -130,7 +132,11 @@ class BertSelfAttention(nn.Module):
             kv = self.kv_heads(hidden if context is None else context)
         q, (k, v) = self._heads(self.query(hidden)), kv
         probs = None
-        if self.attention == "eager" or need_weights:
+        # CPU training with attention dropout: the explicit path, whose dropout is ops.dropout
+        # (SDPA would take its math path there anyway, with torch's slower CPU Bernoulli)
+        cpu_dropout = (self.training and self.dropout.p > 0 and q.device.type == "cpu"
+                       and not torch.compiler.is_compiling())
+        if self.attention == "eager" or need_weights or cpu_dropout:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -149,7 +155,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_width, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -211,9 +217,9 @@ class BertLayer(nn.Module):
         self_kv = None
         if rows is not None:
             batch, position = rows
-            self_kv = tuple(_take(t, batch) for t in self.attention.self.kv_heads(hidden))
-            hidden = _take(hidden.flatten(0, 1), batch * hidden.shape[1] + position)[:, None]
-            mask, image_mask = _take(mask, batch), _take(image_mask, batch)
+            self_kv = tuple(take_rows(t, batch) for t in self.attention.self.kv_heads(hidden))
+            hidden = take_rows(hidden.flatten(0, 1), batch * hidden.shape[1] + position)[:, None]
+            mask, image_mask = take_rows(mask, batch), take_rows(image_mask, batch)
             kv_index = batch if kv_index is None else kv_index[batch]
         hidden, _ = self.attention(hidden, mask, kv=self_kv)
         probs = None
@@ -223,7 +229,7 @@ class BertLayer(nn.Module):
             if kv_index is not None or image_kv is not None:
                 if image_kv is None:
                     image_kv = self.crossattention.self.kv_heads(image_embeds)
-                image_kv = tuple(_take(t, kv_index) for t in image_kv)
+                image_kv = tuple(take_rows(t, kv_index) for t in image_kv)
             hidden, probs = self.crossattention(hidden, image_mask, image_embeds, need_weights, image_kv)
         hidden = self.output(self.intermediate(hidden), hidden)
         return (hidden if rows is None else hidden[:, 0]), probs
@@ -298,6 +304,7 @@ class BertModel(nn.Module):
         image_kv: list[KV] | None = None,
         kv_index: Tensor | None = None,
         output_rows: tuple[Tensor, Tensor] | None = None,
+        sparse_embedding_grad: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Hidden states [B, L, H]; with `output_attentions`, also the cross-attention maps
         [B, heads, L, N] of each fusion layer run (the last one is what Grad-CAM uses).
@@ -307,14 +314,15 @@ class BertModel(nn.Module):
         With `kv_index`, text row i reads image `kv_index[i]` of `image_embeds` (keys/values
         computed once per image), or of `image_kv` (`cross_attention_kv`, replacing `image_embeds`). `output_rows` (batch index [R], position [R]): the last layer
         computes only these rows and the result is [R, H] (attention maps [R, heads, 1, N]).
+        `sparse_embedding_grad`: see `BertEmbeddings.forward`.
         """
         fusion = self.config.fusion_layer
         if mode == "text":
-            hidden, layers = self.embeddings(input_ids), slice(0, fusion)
+            hidden, layers = self.embeddings(input_ids, sparse_embedding_grad), slice(0, fusion)
         elif mode == "fusion":
             hidden, layers = text_embeds, slice(fusion, None)
         elif mode == "multimodal":
-            hidden, layers = self.embeddings(input_ids), slice(None)
+            hidden, layers = self.embeddings(input_ids, sparse_embedding_grad), slice(None)
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         hidden, attentions = self.encoder(
@@ -386,6 +394,12 @@ class TextEncoder(nn.Module):
             module.weight.fill_(1.0)
         if isinstance(module, (nn.Linear, nn.LayerNorm, BertLMPredictionHead)) and module.bias is not None:
             module.bias.zero_()
+
+    @property
+    def tied_mlm_decoder(self) -> bool:
+        """The MLM decoder shares its weight with the word embeddings (ALBEF's BertForMaskedLM)."""
+        return self.cls is not None and \
+            self.cls.predictions.decoder.weight is self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, **kwargs: Any) -> Tensor:
         """Multimodal hidden states of (masked) token ids with the image."""
