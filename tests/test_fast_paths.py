@@ -372,31 +372,44 @@ def test_cpu_dropout_keeps_each_element_with_probability_1_minus_p():
     assert torch.equal(layer.eval()(x), x)
 
 
-def test_sparse_word_embedding_gradient_equals_the_dense_one(tmp_path, monkeypatch):
-    """The MLM step's word-embedding gradient: a sparse lookup gradient added into the tied
-    decoder's dense one gives the same dense .grad as the stock dense lookup."""
+def test_tied_word_gradient_equals_autograds(tmp_path, monkeypatch):
+    """The MLM step's word-embedding gradient joined with the tied decoder's in one tensor
+    (ops.TiedGradient) equals the stock autograd sum of the two, for every parameter."""
+    from albef.models import ops
     from albef.models.bert import TextEncoder
 
     model = no_dropout_model(tmp_path)
     assert model.text_encoder.tied_mlm_decoder
     batch = make_batch(4)
-    used = []
-    from albef.models import bert as bert_module
+    joined = []
+    stock = ops._JoinedEmbedding.backward
 
-    stock = bert_module.BertEmbeddings.forward
+    def spy(ctx, grad):
+        joined.append(ctx.tied.pending is not None)  # the decoder's gradient was waiting
+        return stock(ctx, grad)
 
-    def spy(self, input_ids, sparse_grad=False):
-        used.append(sparse_grad)
-        return stock(self, input_ids, sparse_grad)
-
-    monkeypatch.setattr(bert_module.BertEmbeddings, "forward", spy)
+    monkeypatch.setattr(ops._JoinedEmbedding, "backward", staticmethod(spy))
     losses, grads = losses_and_grads(model, batch)
-    assert True in used
+    assert joined == [True]
     monkeypatch.setattr(TextEncoder, "tied_mlm_decoder", property(lambda self: False))
-    used.clear()
-    dense_losses, dense_grads = losses_and_grads(model, batch)
-    assert used and not any(used)
-    assert_close_dicts(losses, dense_losses, rtol=0, atol=0)
-    assert_close_dicts(grads, dense_grads, rtol=1e-6, atol=1e-7)
+    plain_losses, plain_grads = losses_and_grads(model, batch)
+    assert joined == [True]  # the stock path this time
+    assert_close_dicts(losses, plain_losses, rtol=0, atol=0)
+    assert_close_dicts(grads, plain_grads, rtol=1e-6, atol=1e-7)
     name = "text_encoder.bert.embeddings.word_embeddings.weight"
-    assert grads[name].layout == torch.strided and grads[name].abs().sum() > 0
+    assert grads[name].is_contiguous() and grads[name].abs().sum() > 0
+
+
+def test_tied_gradient_without_the_linear_layer_and_with_padding():
+    """Only the lookup took part: its gradient alone, the padding row left at zero."""
+    from albef.models.ops import TiedGradient
+
+    torch.manual_seed(0)
+    weight = torch.randn(10, 4, requires_grad=True)
+    ids = torch.tensor([[1, 0, 3], [3, 3, 0]])
+    out = TiedGradient().embedding(ids, weight, padding_idx=0)
+    grad = torch.randn(2, 3, 4)
+    (have,) = torch.autograd.grad(out, weight, grad)
+    (want,) = torch.autograd.grad(F.embedding(ids, weight, padding_idx=0), weight, grad)
+    torch.testing.assert_close(have, want)
+    assert have[0].abs().sum() == 0

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from albef import dist
 from albef.losses import ITC_KINDS, itc_loss, itc_stats, itc_targets, itm_loss, mlm_loss
 from albef.models.bert import TextEncoder
+from albef.models.ops import TiedGradient
 from albef.models.momentum import MomentumModel, enqueue_, momentum_copy
 
 LOSS_TERMS = ("itc", "itm", "mlm")
@@ -271,9 +272,9 @@ class ALBEF(MomentumModel):
             mlm_batch, mlm_position = (labels != -100).nonzero(as_tuple=True)  # the step's one shape sync
         text_ids = torch.cat(([input_ids] if contrast else []) + ([masked_ids] if mlm else []))
         text_mask = attention_mask.repeat(int(contrast) + int(mlm), 1)
-        # With masked tokens the tied MLM decoder's dense gradient absorbs the lookup's sparse one
-        sparse = mlm and len(mlm_batch) > 0 and torch.is_grad_enabled() and self.text_encoder.tied_mlm_decoder
-        text_states = self.text_encoder.bert(text_ids, text_mask, mode="text", sparse_embedding_grad=sparse)
+        # one gradient tensor for the word embeddings and the tied MLM decoder (ops.TiedGradient)
+        tied = TiedGradient() if mlm and self.text_encoder.tied_mlm_decoder else None
+        text_states = self.text_encoder.bert(text_ids, text_mask, mode="text", tied_grad=tied)
         with torch.no_grad():
             text_states_m = self.text_encoder_m.bert(text_ids, text_mask, mode="text")
 
@@ -290,7 +291,7 @@ class ALBEF(MomentumModel):
             if weights["itm"]:
                 out["loss_itm"] = itm_loss(self.itm_head(fused[0]), *out.pop("itm_targets"))
             if mlm:
-                logits = self.text_encoder.cls.predictions(fused[-1])
+                logits = self.text_encoder.cls.predictions(fused[-1], tied)
                 with torch.no_grad():
                     hidden_m = self._fuse_momentum(text_states_m[-batch_size:], attention_mask, image_embeds_m,
                                                    mlm_rows)

@@ -33,7 +33,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import cached_file
 
 from albef.checkpoint import LoadReport, load_checkpoint_file, load_weights
-from albef.models.ops import Dropout, take_rows
+from albef.models.ops import Dropout, TiedGradient, take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,13 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, sparse_grad: bool = False) -> Tensor:
-        """`sparse_grad`: the word-embedding gradient comes as a sparse tensor of the looked-up
-        rows. Only for a step where a dense gradient of the same weight (the tied MLM decoder)
-        also arrives: autograd then adds the rows into it in place, instead of zero-filling a
-        [vocab, hidden] tensor and adding two of them; .grad is dense and the same."""
+    def forward(self, input_ids: Tensor, tied_grad: TiedGradient | None = None) -> Tensor:
+        """`tied_grad`: the word embeddings' gradient joins the tied MLM decoder's (ops.TiedGradient)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        words = F.embedding(input_ids, self.word_embeddings.weight, self.word_embeddings.padding_idx,
-                            sparse=sparse_grad)
+        if tied_grad is None:
+            words = self.word_embeddings(input_ids)
+        else:
+            words = tied_grad.embedding(input_ids, self.word_embeddings.weight, self.word_embeddings.padding_idx)
         x = words + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         return self.dropout(self.LayerNorm(x))
 
@@ -304,7 +303,7 @@ class BertModel(nn.Module):
         image_kv: list[KV] | None = None,
         kv_index: Tensor | None = None,
         output_rows: tuple[Tensor, Tensor] | None = None,
-        sparse_embedding_grad: bool = False,
+        tied_grad: TiedGradient | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Hidden states [B, L, H]; with `output_attentions`, also the cross-attention maps
         [B, heads, L, N] of each fusion layer run (the last one is what Grad-CAM uses).
@@ -314,15 +313,15 @@ class BertModel(nn.Module):
         With `kv_index`, text row i reads image `kv_index[i]` of `image_embeds` (keys/values
         computed once per image), or of `image_kv` (`cross_attention_kv`, replacing `image_embeds`). `output_rows` (batch index [R], position [R]): the last layer
         computes only these rows and the result is [R, H] (attention maps [R, heads, 1, N]).
-        `sparse_embedding_grad`: see `BertEmbeddings.forward`.
+        `tied_grad`: see `BertEmbeddings.forward`.
         """
         fusion = self.config.fusion_layer
         if mode == "text":
-            hidden, layers = self.embeddings(input_ids, sparse_embedding_grad), slice(0, fusion)
+            hidden, layers = self.embeddings(input_ids, tied_grad), slice(0, fusion)
         elif mode == "fusion":
             hidden, layers = text_embeds, slice(fusion, None)
         elif mode == "multimodal":
-            hidden, layers = self.embeddings(input_ids, sparse_embedding_grad), slice(None)
+            hidden, layers = self.embeddings(input_ids, tied_grad), slice(None)
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         hidden, attentions = self.encoder(
@@ -358,8 +357,11 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.transform(x))
+    def forward(self, x: Tensor, tied_grad: TiedGradient | None = None) -> Tensor:
+        """Vocabulary logits; `tied_grad`: the decoder's weight gradient joins the word
+        embeddings' (ops.TiedGradient; the same one passed to the text pass)."""
+        x = self.transform(x)
+        return self.decoder(x) if tied_grad is None else tied_grad.linear(x, self.decoder.weight, self.decoder.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
