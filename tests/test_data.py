@@ -314,3 +314,35 @@ def test_webdataset_resume_skips_the_batches_already_drawn(tmp_path):
     stream.set_epoch(4)
     stream.set_start(batches=2, batch_size=3)
     assert [s["caption"] for s in stream] == full[6:]
+
+
+def _images_by_index(samples):
+    return {s["index"]: s["image"] for s in samples}
+
+
+@pytest.mark.parametrize("kind", ["vqa", "ve", "nlvr"])
+def test_persistent_workers_see_the_epoch_of_every_dataset(tmp_path, kind):
+    """VQA and VE/NLVR2 training sets draw their augmentation from (seed, epoch, index) in the
+    workers too: after set_epoch(1) a persistent worker gives what the main process computes
+    for epoch 1 (it used to keep the epoch it started with)."""
+    from albef.data.reasoning import ReasoningDataset
+    from albef.data.synthetic import generate_reasoning_sets, generate_vqa_set
+    from albef.data.vqa import VQATrainDataset
+
+    transform = train_transform(24, *UNIT)
+    if kind == "vqa":
+        paths = generate_vqa_set(str(tmp_path), num_train=4, num_test=1, image_size=32)
+        dataset = VQATrainDataset([paths["train"]], paths["image_root"], paths["image_root"], transform, seed=5)
+    else:
+        paths = generate_reasoning_sets(str(tmp_path), num_train=4, num_val=1, num_test=1, image_size=32)
+        dataset = ReasoningDataset(kind, [paths[f"{kind}_train"]], paths["image_root"], transform, seed=5)
+    loader = build_train_loader(dataset, _images_by_index, batch_size=2, num_workers=1, seed=0)
+    for epoch in (0, 1):
+        set_epoch(loader, epoch)
+        in_worker = {i: image for batch in loader for i, image in batch.items()}
+    dataset.set_epoch(1)
+    assert len(in_worker) >= 4
+    for index, image in in_worker.items():
+        assert torch.equal(image, dataset[index]["image"])
+    dataset.set_epoch(0)
+    assert not torch.equal(in_worker[0], dataset[0]["image"])

@@ -287,7 +287,25 @@ def pick_caption(captions: Sequence[str], seed: int, epoch: int, index: int) -> 
     return number, captions[number]
 
 
-class CaptionDataset(Dataset):
+class EpochDataset(Dataset):
+    """Annotated samples whose augmentation is seeded by (seed, epoch, index). The epoch lives in
+    shared memory, so that persistent DataLoader workers see `set_epoch` (a plain attribute
+    would stay at the value the workers were started with)."""
+
+    def __init__(self, samples: list, transform: Callable, seed: int = 0) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.seed = seed
+        self.epoch = SharedEpoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class CaptionDataset(EpochDataset):
     """ALBEF JSON annotations over image files (data.format=json).
 
     `caption_list` (data.caption_list) says what an entry with a list of captions becomes:
@@ -306,18 +324,9 @@ class CaptionDataset(Dataset):
     ) -> None:
         if caption_list not in CAPTION_LIST_MODES:
             raise ValueError(f"caption_list must be one of {CAPTION_LIST_MODES} (got {caption_list!r})")
-        self.samples = load_annotations(files, expand=caption_list == "expand")
+        super().__init__(load_annotations(files, expand=caption_list == "expand"), transform, seed)
         self.image_root = image_root
-        self.transform = transform
         self.max_words = max_words
-        self.seed = seed
-        self.epoch = SharedEpoch()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch.set(epoch)
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict | BadSample:
         ann = self.samples[index]

@@ -17,11 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from .captions import pre_caption
 from .collate import Collator
-from .datasets import AnnotationError, BadSample, SampleError, SharedEpoch, read_image, sample_seed
+from .datasets import AnnotationError, BadSample, EpochDataset, SampleError, read_image, sample_seed
 
 VE_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}  # ALBEF's ve_dataset ids
 NLVR_LABELS = {False: 0, True: 1, "False": 0, "True": 1, "false": 0, "true": 1}
@@ -77,7 +76,7 @@ def load_nlvr_annotations(files: str | Sequence[str]) -> list[dict]:
     return samples
 
 
-class ReasoningDataset(Dataset):
+class ReasoningDataset(EpochDataset):
     """VE (`kind="ve"`) or NLVR2 (`kind="nlvr"`) annotations over image files."""
 
     def __init__(
@@ -92,19 +91,10 @@ class ReasoningDataset(Dataset):
         loaders = {"ve": load_ve_annotations, "nlvr": load_nlvr_annotations}
         if kind not in loaders:
             raise ValueError(f"kind must be one of {tuple(loaders)}, got {kind!r}")
+        super().__init__(loaders[kind](files), transform, seed)
         self.kind = kind
-        self.samples = loaders[kind](files)
         self.image_root = image_root
-        self.transform = transform
         self.max_words = max_words
-        self.seed = seed
-        self.epoch = SharedEpoch()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch.set(epoch)
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     @property
     def labels(self) -> list[int]:

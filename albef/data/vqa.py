@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
-from .datasets import AnnotationError, BadSample, SampleError, read_image, sample_seed
+from .datasets import AnnotationError, BadSample, EpochDataset, SampleError, read_image, sample_seed
 
 DATASETS = ("vqa", "vg")
 
@@ -109,28 +108,19 @@ def load_questions(files: str | Sequence[str], need_answers: bool) -> list[dict]
     return entries
 
 
-class _VQAImages(Dataset):
+class _VQAImages(EpochDataset):
     def __init__(self, entries: list[dict], image_root: str, vg_root: str, transform, seed: int):
-        self.entries = entries
+        super().__init__(entries, transform, seed)
         self.roots = {"vqa": image_root, "vg": vg_root}
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
     def _image(self, index: int) -> torch.Tensor | BadSample:
-        entry = self.entries[index]
+        entry = self.samples[index]
         try:
             image = read_image(os.path.join(self.roots[entry.get("dataset", "vqa")], entry["image"]))
         except SampleError as exn:
             return BadSample(exn.reason, index, exn.detail)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            torch.manual_seed(sample_seed(self.seed, self.epoch.get(), index))
             return self.transform(image)
 
 
@@ -146,7 +136,7 @@ class VQATrainDataset(_VQAImages):
         image = self._image(index)
         if isinstance(image, BadSample):
             return image
-        entry = self.entries[index]
+        entry = self.samples[index]
         answers, weights = answer_weights(entry, self.vg_weight)
         return {
             "image": image,
@@ -168,7 +158,7 @@ class VQAEvalDataset(_VQAImages):
         image = self._image(index)
         if isinstance(image, BadSample):
             return image
-        entry = self.entries[index]
+        entry = self.samples[index]
         return {"image": image, "question": pre_question(entry["question"], self.max_words),
                 "question_id": entry["question_id"], "index": index}
 
