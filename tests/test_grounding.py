@@ -357,3 +357,84 @@ def test_grounding_training_sees_the_whole_image():
     whole = train_transform(32, mean, std, randaugment=False, hflip=False, crop=False)(image)
     assert torch.equal(whole, eval_transform(32, mean, std)(image))
     assert train_transform(32, mean, std, crop=False)(image).shape == (3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- REFER conversion
+
+import pickle  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from albef.data.datasets import AnnotationError  # noqa: E402
+from albef.data.grounding import read_refer_refs, refer_refs_file  # noqa: E402
+
+REFS = [
+    {"ref_id": 7, "ann_id": 100, "image_id": 55, "split": "testA", "category_id": 1, "file_name": "a_7.jpg",
+     "sent_ids": [1, 2], "sentences": [{"raw": "Man left", "sent": "man left", "sent_id": 1, "tokens": ["man"]}]},
+    {"ref_id": 9, "ann_id": 101, "image_id": 56, "split": "val", "category_id": 2, "file_name": "b_9.jpg",
+     "sent_ids": [3], "sentences": [{"raw": "dog", "sent": "dog", "sent_id": 3, "tokens": ["dog"]}]},
+]
+INSTANCES = {"images": [{"id": 55}, {"id": 56}], "categories": [],
+             "annotations": [{"id": 100, "bbox": [1, 2, 30, 40], "image_id": 55},
+                             {"id": 101, "bbox": [5.5, 6, 7, 8], "image_id": 56}]}
+
+# A REFER-style Python 2 pickle (protocol 2, byte strings as SHORT_BINSTRING, no globals) of
+# [{"ref_id": 3, "ann_id": 100, "image_id": 55, "split": "testB"}], written out opcode by opcode.
+PY2_PICKLE = (b"\x80\x02]q\x00}q\x01(U\x06ref_idq\x02K\x03U\x06ann_idq\x03KdU\x08image_idq\x04K7"
+              b"U\x05splitq\x05U\x05testBq\x06ua.")
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # what a crafted refs file would carry
+        return (open, (self.path, "w"))
+
+
+def _write_refer(tmp_path, refs_bytes):
+    (tmp_path / "refs(unc).p").write_bytes(refs_bytes)
+    (tmp_path / "instances.json").write_text(json.dumps(INSTANCES))
+    return str(tmp_path / "refs(unc).p"), str(tmp_path / "instances.json")
+
+
+def test_refer_files_become_the_refs_file(tmp_path):
+    refs, instances = _write_refer(tmp_path, pickle.dumps(REFS, protocol=2))
+    out = tmp_path / "refs.json"
+    result = subprocess.run([sys.executable, "-m", "albef.data.grounding", "--refs", refs, "--instances", instances,
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "2 references (testA 1, val 1)" in result.stdout
+    assert json.loads(out.read_text()) == {
+        "7": {"image_id": 55, "bbox": [1.0, 2.0, 30.0, 40.0], "split": "testA"},
+        "9": {"image_id": 56, "bbox": [5.5, 6.0, 7.0, 8.0], "split": "val"}}
+    evals = tmp_path / "eval.json"
+    evals.write_text(json.dumps([{"image": "a.jpg", "text": "man left", "ref_id": 7}]))
+    (ref,) = load_refs([str(evals)], str(out))
+    assert ref["bbox"] == [1.0, 2.0, 30.0, 40.0] and ref["split"] == "testA" and ref["image_id"] == 55
+
+
+def test_python2_refer_pickle_reads_as_text(tmp_path):
+    refs, instances = _write_refer(tmp_path, PY2_PICKLE)
+    assert read_refer_refs(refs) == [{"ref_id": 3, "ann_id": 100, "image_id": 55, "split": "testB"}]
+    assert refer_refs_file(refs, instances) == {"3": {"image_id": 55, "bbox": [1.0, 2.0, 30.0, 40.0], "split": "testB"}}
+
+
+def test_a_crafted_refer_pickle_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    refs, instances = _write_refer(tmp_path, pickle.dumps([{"ref_id": 1, "x": _Marker(str(marker))}], protocol=2))
+    with pytest.raises(AnnotationError, match="refusing 'io.open'"):
+        read_refer_refs(refs)
+    result = subprocess.run([sys.executable, "-m", "albef.data.grounding", "--refs", refs, "--instances", instances,
+                             "--out", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "refs(unc).p" in result.stderr
+    assert not marker.exists() and not (tmp_path / "o.json").exists()
+    with open(refs, "rb") as fp:  # the payload is real: a plain pickle.load runs it
+        pickle.load(fp)
+    assert marker.exists()
+
+
+def test_refer_reference_without_its_annotation_is_named(tmp_path):
+    refs, instances = _write_refer(tmp_path, pickle.dumps([{**REFS[0], "ann_id": 999}], protocol=2))
+    with pytest.raises(AnnotationError, match="reference 7 names annotation 999"):
+        refer_refs_file(refs, instances)

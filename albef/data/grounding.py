@@ -18,8 +18,12 @@ Detection files are ALBEF's ``dets.json`` (Mask R-CNN proposals of MAttNet) and 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
+import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -158,3 +162,78 @@ class GroundingEvalDataset(Dataset):
 def collate_eval(batch: Sequence[tuple]) -> tuple[torch.Tensor, list[str], list[int], list[tuple[int, int]]]:
     images, texts, indices, sizes = zip(*batch)
     return torch.stack(images), list(texts), list(indices), list(sizes)
+
+
+# ----------------------------------------------------------------------------- REFER -> refs_file
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles containers, strings and numbers only: any global (class, function) is refused,
+    so reading the file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing '{module}.{name}': only plain data is read from this file")
+
+
+def read_refer_refs(path: str) -> list[dict]:
+    """The references of a REFER ``refs(<splitBy>).p`` (a Python 2 pickle of plain dicts and
+    lists), read without running anything, or AnnotationError."""
+    try:
+        with open(path, "rb") as fp:
+            refs = _PlainDataUnpickler(fp, encoding="latin1").load()
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        raise AnnotationError(f"{path}: {e}") from None
+    except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError) as e:  # damaged pickles fail many ways
+        raise AnnotationError(f"{path}: not a readable REFER refs pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        raise AnnotationError(f"{path}: expected a list of references (dicts), as REFER's refs(unc).p")
+    return refs
+
+
+def refer_refs_file(refs_pickle: str, instances_json: str) -> dict[str, dict]:
+    """`grounding.refs_file` content from the REFER toolkit's files: ``{"<ref_id>": {"image_id",
+    "bbox", "split"}}``, the box being the COCO annotation ``ann_id`` of the reference in
+    ``instances.json`` (REFER's ``refToAnn``)."""
+    instances = _read_json(instances_json)
+    if not isinstance(instances, dict) or not isinstance(instances.get("annotations"), list):
+        raise AnnotationError(f"{instances_json}: expected REFER's instances.json with an 'annotations' list")
+    boxes = {ann["id"]: ann["bbox"] for ann in instances["annotations"]
+             if isinstance(ann, dict) and "id" in ann and "bbox" in ann}
+    out = {}
+    for i, ref in enumerate(read_refer_refs(refs_pickle)):
+        missing = [k for k in ("ref_id", "ann_id", "image_id", "split") if k not in ref]
+        if missing:
+            raise AnnotationError(f"{refs_pickle}: reference {i} has no {', '.join(missing)}")
+        if ref["ann_id"] not in boxes:
+            raise AnnotationError(f"{refs_pickle}: reference {ref['ref_id']} names annotation {ref['ann_id']}, "
+                                  f"which {instances_json} does not have")
+        out[str(ref["ref_id"])] = {"image_id": ref["image_id"], "bbox": [float(v) for v in boxes[ref["ann_id"]]],
+                                   "split": ref["split"]}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m albef.data.grounding --refs "refs(unc).p" --instances instances.json --out refs.json``:
+    write the `grounding.refs_file` of a REFER dataset (RefCOCO+: refcoco+/refs(unc).p)."""
+    parser = argparse.ArgumentParser(prog="python -m albef.data.grounding",
+                                     description="REFER refs pickle + instances.json -> grounding.refs_file JSON")
+    parser.add_argument("--refs", required=True, help="REFER refs(<splitBy>).p, e.g. refcoco+/refs(unc).p")
+    parser.add_argument("--instances", required=True, help="the dataset's instances.json")
+    parser.add_argument("--out", required=True, help="the JSON to write (set grounding.refs_file to it)")
+    args = parser.parse_args(argv)
+    try:
+        refs = refer_refs_file(args.refs, args.instances)
+    except AnnotationError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    with open(args.out, "w", encoding="utf-8") as fp:
+        json.dump(refs, fp)
+    splits = Counter(ref["split"] for ref in refs.values())
+    print(f"wrote {args.out}: {len(refs)} references ({', '.join(f'{k} {v}' for k, v in sorted(splits.items()))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
