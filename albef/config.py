@@ -169,7 +169,9 @@ class VQAConfig:
 @dataclass
 class GroundingConfig:
     """Weakly supervised grounding (albef-grounding): Grad-CAM layer and box files."""
-    block_num: int = 8  # BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM reads
+    gradcam_mode: Literal["itm", "itc"] = "itm"  # ALBEF's --gradcam_mode: ITM via cross-attention | ITC via ViT
+    block_num: int = 8  # itm: BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM
+    #                     reads; itc: the ViT block whose self-attention it reads
     det_file: str = "data/refcoco+/dets.json"  # {image_id: [[x, y, w, h, ...], ...]} candidate boxes
     coco_file: str | None = None  # optional second box file (ALBEF's cocos.json): adds {split}_gt accuracies
     refs_file: str | None = None  # {ref_id: {image_id, bbox, split}} for eval entries that lack them

@@ -1,6 +1,7 @@
-"""Grad-CAM on the ITM score through a fusion layer's cross-attention (ALBEF's localisation).
+"""Grad-CAM of ALBEF's localisation, in its two modes (`Grounding.py --gradcam_mode itm | itc`).
 
-ALBEF (`Grounding.py` val, `visualization.ipynb`) localises an expression in an image by:
+`itm` (the default): the ITM score through a fusion layer's cross-attention. ALBEF
+(`Grounding.py` val, `visualization.ipynb`) localises an expression in an image by:
 
 1. running the text encoder in multimodal mode (all layers, from token ids) on the image tokens;
 2. taking the ITM head's *positive logit* of the CLS state, summed over the batch;
@@ -12,9 +13,15 @@ ALBEF (`Grounding.py` val, `visualization.ipynb`) localises an expression in an 
 5. for grounding, averaging those token maps over all L text positions (padding rows count as
    zero, as in the original).
 
+`itc`: the ITC similarity through the self-attention of ViT block `block_num` (`itc_gradcam`):
+the image and text features (CLS states, projected and normalised) give sim = i . t / temp per
+pair; the gradient of its sum with respect to the block's attention probabilities [B, heads,
+1 + N, 1 + N] is clamped at 0 and multiplied with them, the CLS query row over the patch keys is
+kept and averaged over heads. There is one map per expression (no per-token maps).
+
 Works on any model with our layout: `visual_encoder` (timm ViT), `text_encoder.bert`
-(albef.models.bert.BertModel) and `itm_head` -- the pretraining ALBEF and the retrieval /
-grounding model alike.
+(albef.models.bert.BertModel), `itm_head`, `vision_proj` / `text_proj` / `temp` -- the
+pretraining ALBEF and the retrieval / grounding model alike.
 """
 from __future__ import annotations
 
@@ -23,8 +30,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def check_block_num(model: nn.Module, block_num: int) -> None:
-    """ValueError (one line) unless `block_num` is a fusion layer of `model`'s text encoder."""
+GRADCAM_MODES = ("itm", "itc")
+
+
+def check_block_num(model: nn.Module, block_num: int, mode: str = "itm") -> None:
+    """ValueError (one line) unless `block_num` is a fusion layer of `model`'s text encoder
+    (`itm`) or a block of its ViT (`itc`)."""
+    if mode not in GRADCAM_MODES:
+        raise ValueError(f"grounding.gradcam_mode={mode!r}: must be one of {GRADCAM_MODES}")
+    if mode == "itc":
+        depth = len(model.visual_encoder.blocks)
+        if not 0 <= block_num < depth:
+            raise ValueError(f"grounding.block_num={block_num} is not a ViT block: with gradcam_mode itc it names "
+                             f"one of the image encoder's blocks 0..{depth - 1}")
+        return
     config = model.text_encoder.bert.config
     if not config.fusion_layer <= block_num < config.num_hidden_layers:
         raise ValueError(
@@ -66,8 +85,42 @@ def gradcam_token_maps(
     return (cams * grads).mean(dim=1), logits.detach()
 
 
-def gradcam(model: nn.Module, images: Tensor, input_ids: Tensor, attention_mask: Tensor, block_num: int) -> Tensor:
-    """ALBEF's grounding map [B, rows, cols]: the per-token maps averaged over all text positions."""
+def itc_gradcam(
+    model: nn.Module, images: Tensor, input_ids: Tensor, attention_mask: Tensor, block_num: int
+) -> tuple[Tensor, Tensor]:
+    """ALBEF's `itc` map [B, rows, cols] (see the module docstring) and the pairs' ITC
+    similarities sim [B] (i . t / temp). Parameter `.grad`s are left untouched."""
+    check_block_num(model, block_num, "itc")
+    prefix, (rows, cols) = patch_grid(model.visual_encoder)
+    attn = model.visual_encoder.blocks[block_num].attn
+    maps: list[Tensor] = []
+    # timm's explicit attention path: its attn_drop sees the probabilities (identity in eval mode)
+    hook = attn.attn_drop.register_forward_hook(lambda module, args, out: maps.append(out))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        with torch.enable_grad():
+            # images that need grad put the maps in the graph even when the weights are frozen
+            image_embeds = model.visual_encoder(images.detach().requires_grad_(True))
+            image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+            text_embeds = model.text_encoder.bert(input_ids, attention_mask, mode="text")
+            text_feat = F.normalize(model.text_proj(text_embeds[:, 0]).float(), dim=-1)
+            sim = (image_feat * text_feat).sum(dim=-1) / model.temp
+            (grads,) = torch.autograd.grad(sim.sum(), maps[0])
+    finally:
+        attn.fused_attn = fused
+        hook.remove()
+    batch = len(images)
+    cam = maps[0].detach()[:, :, 0, prefix:].reshape(batch, -1, rows, cols)
+    grad = grads[:, :, 0, prefix:].reshape(batch, -1, rows, cols).clamp(min=0)
+    return (cam * grad).mean(dim=1), sim.detach()
+
+
+def gradcam(model: nn.Module, images: Tensor, input_ids: Tensor, attention_mask: Tensor, block_num: int,
+            mode: str = "itm") -> Tensor:
+    """ALBEF's grounding map [B, rows, cols]: `itm`, the per-token maps averaged over all text
+    positions; `itc`, `itc_gradcam`."""
+    if mode == "itc":
+        return itc_gradcam(model, images, input_ids, attention_mask, block_num)[0]
     return gradcam_token_maps(model, images, input_ids, attention_mask, block_num)[0].mean(dim=1)
 
 

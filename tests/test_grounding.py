@@ -287,7 +287,7 @@ def test_evaluation_with_rigged_maps_picks_the_box_under_the_peak(gset, tmp_path
     refs = load_refs([str(gset / "val.json")])
     in_order = iter(refs)  # one process: the loader yields the references in file order
 
-    def perfect(model, images, input_ids, attention_mask, block_num):
+    def perfect(model, images, input_ids, attention_mask, block_num, mode="itm"):
         cams = torch.zeros(len(images), 32, 32)
         for cam, ref in zip(cams, in_order):
             x, y, w, h = (int(v) for v in ref["bbox"])
@@ -438,3 +438,89 @@ def test_refer_reference_without_its_annotation_is_named(tmp_path):
     refs, instances = _write_refer(tmp_path, pickle.dumps([{**REFS[0], "ann_id": 999}], protocol=2))
     with pytest.raises(AnnotationError, match="reference 7 names annotation 999"):
         refer_refs_file(refs, instances)
+
+
+# ----------------------------------------------------------------------------- gradcam_mode itc
+
+
+def _itc_gradcam_by_hand(model, images, input_ids, attention_mask, block_num):
+    """ALBEF's itc map written out: the ViT run block by block, block `block_num`'s attention
+    probabilities computed from its weights and made a leaf, sim = i . t / temp, d(sum sim)/d(attn)."""
+    from albef.gradcam import patch_grid
+
+    vit = model.visual_encoder
+    with torch.no_grad():
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for block in vit.blocks[:block_num]:
+            x = block(x)
+    block, attn = vit.blocks[block_num], vit.blocks[block_num].attn
+    h = block.norm1(x)
+    batch, tokens, width = h.shape
+    q, k, v = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach().requires_grad_(True)
+    x = x + attn.proj((probs @ v).transpose(1, 2).reshape(batch, tokens, width))
+    x = x + block.mlp(block.norm2(x))
+    for later in vit.blocks[block_num + 1:]:
+        x = later(x)
+    image_feat = F.normalize(model.vision_proj(vit.norm(x)[:, 0]), dim=-1)
+    text_feat = F.normalize(model.text_proj(model.text_encoder.bert(input_ids, attention_mask, mode="text")[:, 0]),
+                            dim=-1)
+    sim = (image_feat * text_feat).sum(-1) / model.temp
+    (grad,) = torch.autograd.grad(sim.sum(), probs)
+    prefix, (rows, cols) = patch_grid(vit)
+    cam = probs.detach()[:, :, 0, prefix:] * grad[:, :, 0, prefix:].clamp(min=0)
+    return cam.reshape(batch, -1, rows, cols).mean(dim=1), sim.detach()
+
+
+import torch.nn.functional as F  # noqa: E402
+
+
+@pytest.mark.parametrize("block_num", [0, 1])
+def test_itc_gradcam_matches_hand_computation(tmp_path, block_num):
+    from albef.gradcam import itc_gradcam
+    from albef.models import build_model
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.vision.depth = 2  # a block before and after the one read
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images, input_ids, attention_mask = make_batch(3)
+    cams, sim = itc_gradcam(model, images, input_ids, attention_mask, block_num)
+    want_cams, want_sim = _itc_gradcam_by_hand(model, images, input_ids, attention_mask, block_num)
+    assert cams.shape == want_cams.shape and cams.abs().sum() > 0
+    torch.testing.assert_close(sim, want_sim, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cams, want_cams, rtol=1e-4, atol=1e-9)
+    assert all(block.attn.fused_attn == model.visual_encoder.blocks[0].attn.fused_attn
+               for block in model.visual_encoder.blocks)  # restored
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(gradcam(model, images, input_ids, attention_mask, block_num, "itc"), cams)
+    with pytest.raises(ValueError, match="is not a ViT block"):
+        itc_gradcam(model, images, input_ids, attention_mask, len(model.visual_encoder.blocks))
+
+
+def test_itc_mode_evaluates_and_draws_from_the_cli(gset, tmp_path, capsys, monkeypatch):
+    import albef.gradcam
+    import albef.tasks.grounding as grounding
+
+    calls = []
+    stock = albef.gradcam.itc_gradcam
+
+    def spy(*args):
+        calls.append(args[-1])
+        return stock(*args)
+
+    monkeypatch.setattr(albef.gradcam, "itc_gradcam", spy)
+    monkeypatch.setattr(grounding, "itc_gradcam", spy)
+    run = tmp_path / "itc"
+    assert main(_args(gset, run, "train.max_steps=1", "grounding.gradcam_mode=itc", "grounding.block_num=1")) == 0
+    test = json.loads((run / "results" / "test_latest.json").read_text())
+    assert set(test) >= {"testA_d", "testB_d"} and calls and set(calls) == {1}
+    calls.clear()
+    capsys.readouterr()
+    assert main(_args(gset, run, "--visualize", "--init-from", str(run / "best.pt"), "grounding.gradcam_mode=itc",
+                      "grounding.block_num=1", "grounding.visualize_count=1")) == 0
+    assert calls == [1] and ".png" in capsys.readouterr().out
+    assert len(list((run / "gradcam").glob("*.png"))) == 1
+    assert main(_args(gset, tmp_path / "bad", "grounding.gradcam_mode=itc", "grounding.block_num=9")) == 2
+    assert "grounding.block_num=9 is not a ViT block" in capsys.readouterr().err

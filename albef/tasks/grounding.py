@@ -7,7 +7,8 @@
 
 Training is retrieval fine-tuning (ITC + ITM) on referring expressions paired with their whole
 image; no box is ever seen. Evaluation localises each expression with Grad-CAM on the ITM score
-(`albef.gradcam`, layer `grounding.block_num`), upsamples the map to the original image, scores
+(`albef.gradcam`, BERT layer `grounding.block_num`; with `grounding.gradcam_mode: itc`, on the ITC
+similarity through ViT block `block_num`), upsamples the map to the original image, scores
 every detection box of the image by ``map[box].sum() / area ** box_alpha`` and counts the
 expression as found when the best box has IoU >= 0.5 with the true box; accuracy per split
 (``val_d``, ``testA_d``, ``testB_d``).
@@ -47,7 +48,7 @@ from albef.data.grounding import (
 from albef.data.transforms import eval_transform, train_transform
 from albef.dist import DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed
 from albef.engine.trainer import init_weights, seed_everything
-from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, upsample_map
+from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_gradcam, upsample_map
 from albef.models import build_tokenizer
 from albef.tasks.pretrain import unwrap
 from albef.tasks.retrieval import RetrievalTask, eval_files
@@ -163,7 +164,7 @@ def evaluate_grounding(model, tokenizer, cfg, files: Sequence[str], device) -> t
     records = []
     for images, texts, indices, sizes in loader:
         input_ids, attention_mask = tokenize(tokenizer, texts, cfg.eval.max_tokens, device)
-        cams = gradcam(model, images.to(device), input_ids, attention_mask, gcfg.block_num).float()
+        cams = gradcam(model, images.to(device), input_ids, attention_mask, gcfg.block_num, gcfg.gradcam_mode).float()
         for cam, index, (width, height) in zip(cams, indices, sizes):
             ref = refs[index]
             heat = upsample_map(cam, height, width)
@@ -208,19 +209,23 @@ def draw_grounding(
     input_ids, attention_mask = tokenize(tokenizer, [caption], cfg.eval.max_tokens, device)
     was_training = model.training
     model.eval()
-    token_maps, logits = gradcam_token_maps(
-        model, transform(image)[None].to(device), input_ids, attention_mask, cfg.grounding.block_num
-    )
+    pixels = transform(image)[None].to(device)
+    if cfg.grounding.gradcam_mode == "itc":  # one map per expression, no word maps
+        cams, sim = itc_gradcam(model, pixels, input_ids, attention_mask, cfg.grounding.block_num)
+        cam, token_maps, words, score = cams[0].float().cpu(), None, (), f"ITC similarity {sim[0].item():.2f}"
+    else:
+        token_maps, logits = gradcam_token_maps(model, pixels, input_ids, attention_mask, cfg.grounding.block_num)
+        token_maps = token_maps[0].float().cpu()
+        cam = token_maps.mean(dim=0)
+        words = tokenizer.convert_ids_to_tokens(input_ids[0].tolist())[1:-1]  # between [CLS] and [SEP]
+        token_maps = token_maps[1 : 1 + len(words)].numpy()
+        score = f"ITM match {logits.float().softmax(dim=-1)[0, 1].item():.2f}"
     model.train(was_training)
-    token_maps = token_maps[0].float().cpu()
-    cam = token_maps.mean(dim=0)
     box = None
     if boxes:
         box = boxes[pick_box(upsample_map(cam, image.height, image.width), boxes, cfg.grounding.box_alpha)]
-    words = tokenizer.convert_ids_to_tokens(input_ids[0].tolist())[1:-1]  # between [CLS] and [SEP]
-    match = logits.float().softmax(dim=-1)[0, 1].item()
-    picture = gradcam_figure(image, f"{caption}   (ITM match {match:.2f})", cam.numpy(), box=box, true_box=true_box,
-                             token_maps=token_maps[1 : 1 + len(words)].numpy(), tokens=words)
+    picture = gradcam_figure(image, f"{caption}   ({score})", cam.numpy(), box=box, true_box=true_box,
+                             token_maps=token_maps, tokens=words)
     return picture, box
 
 
@@ -256,7 +261,7 @@ class GroundingTask(RetrievalTask):
     def build_model(self, cfg: Config) -> nn.Module:
         model = super().build_model(cfg)
         try:
-            check_block_num(model, cfg.grounding.block_num)
+            check_block_num(model, cfg.grounding.block_num, cfg.grounding.gradcam_mode)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return model
