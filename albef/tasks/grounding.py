@@ -212,7 +212,8 @@ def draw_grounding(
     pixels = transform(image)[None].to(device)
     if cfg.grounding.gradcam_mode == "itc":  # one map per expression, no word maps
         cams, sim = itc_gradcam(model, pixels, input_ids, attention_mask, cfg.grounding.block_num)
-        cam, token_maps, words, score = cams[0].float().cpu(), None, (), f"ITC similarity {sim[0].item():.2f}"
+        cosine = sim[0].item() * unwrap(model).temp.item()  # sim is i . t / temp
+        cam, token_maps, words, score = cams[0].float().cpu(), None, (), f"ITC cosine {cosine:.2f}"
     else:
         token_maps, logits = gradcam_token_maps(model, pixels, input_ids, attention_mask, cfg.grounding.block_num)
         token_maps = token_maps[0].float().cpu()
