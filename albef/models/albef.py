@@ -255,21 +255,20 @@ class ALBEF(MomentumModel):
         keys/values of the B images computed once per layer (`cache_image_kv`) and the last layer
         computing only the rows the heads read (`prune_last_layer`).
         """
+        weights = self.loss_weights
+        contrast, mlm = bool(weights["itc"] or weights["itm"]), bool(weights["mlm"])
+        batch_size = len(input_ids)
+        if mlm:  # first: the step's one host sync (the masked positions) then waits for no queued work
+            masked_ids, labels = mask_tokens(
+                input_ids, self.mlm_probability, self.token_ids, self.text_encoder.config.vocab_size,
+                mask_sep=self.mlm_mask_sep, special=self.never_masked)
+            mlm_batch, mlm_position = (labels != -100).nonzero(as_tuple=True)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
             image_embeds_m = self.visual_encoder_m(images)
         image_embeds = self.visual_encoder(images)
-        weights = self.loss_weights
-        contrast, mlm = bool(weights["itc"] or weights["itm"]), bool(weights["mlm"])
-        batch_size = len(input_ids)
 
         # Text layers, online and momentum: captions (ITC/ITM) and masked captions (MLM) together.
-        text_ids = []
-        if mlm:
-            masked_ids, labels = mask_tokens(
-                input_ids, self.mlm_probability, self.token_ids, self.text_encoder.config.vocab_size,
-                mask_sep=self.mlm_mask_sep, special=self.never_masked)
-            mlm_batch, mlm_position = (labels != -100).nonzero(as_tuple=True)  # the step's one shape sync
         text_ids = torch.cat(([input_ids] if contrast else []) + ([masked_ids] if mlm else []))
         text_mask = attention_mask.repeat(int(contrast) + int(mlm), 1)
         # one gradient tensor for the word embeddings and the tied MLM decoder (ops.TiedGradient)
