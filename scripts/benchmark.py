@@ -22,6 +22,7 @@ it reports the median ms/step of each, their ratio, and both per-phase tables.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -114,6 +115,15 @@ class Bench:
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
         self.amp_dtype = resolve_precision(cfg.train.precision, device)
         self.batch = synthetic_batch(cfg, batch_size, device)
+        self.masks = None  # the captions masked as the training collate does (no host sync in the step)
+        if self.model.loss_weights["mlm"] and "mlm_masks" in inspect.signature(self.model.forward).parameters:
+            from albef.data.masking import MLMMasking
+
+            model = self.model
+            masking = MLMMasking(model.mlm_probability, model.token_ids, model.text_encoder.config.vocab_size,
+                                 model.mlm_mask_sep)
+            masks = masking(self.batch[1].cpu(), list(range(batch_size)))
+            self.masks = {k: v.to(device) for k, v in masks.items()}
         self.batch_size = batch_size
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
@@ -134,7 +144,8 @@ class Bench:
         mark()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            out = model(images, input_ids, attention_mask, alpha=self.cfg.loss.alpha, ids=ids)
+            masks = {} if self.masks is None else {"mlm_masks": self.masks}  # (older trees under --compare: none)
+            out = model(images, input_ids, attention_mask, alpha=self.cfg.loss.alpha, ids=ids, **masks)
         mark()
         out["loss"].backward()
         mark()
@@ -220,7 +231,7 @@ def matmul_rate(device, dtype) -> float:
 
 def masked_tokens(bench: Bench) -> int:
     """MLM positions per step (the expectation over the masking draws of this batch)."""
-    from albef.models.albef import mask_tokens
+    from albef.data.masking import mask_tokens
 
     model, (_, input_ids, _, _) = bench.model, bench.batch
     torch = bench.torch

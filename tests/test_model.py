@@ -254,3 +254,63 @@ def test_pretraining_config_starts_the_vit_from_deit():
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"))
     assert cfg.model.vision.arch == "deit_base_patch16_224"
     assert cfg.model.vision.pretrained or cfg.model.vision.checkpoint
+
+
+# ----------------------------------------------------------------------------- masks from the collate
+
+
+def test_collate_masking_is_per_sample_deterministic_and_bert_distributed():
+    from albef.data.masking import MLMMasking
+
+    masking = MLMMasking(0.15, TOKENS, vocab_size=48)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 48, (400, 20))
+    ids[:, 0], ids[:, 12], ids[:, 13:] = TOKENS.cls, TOKENS.sep, TOKENS.pad
+    seeds = list(range(1000, 1400))
+    out = masking(ids, seeds)
+    again = masking(ids.flip(0), seeds[::-1])  # another batch order: each row keeps its mask
+    assert torch.equal(again["mlm_input_ids"].flip(0), out["mlm_input_ids"])
+    assert torch.equal(again["mlm_labels"].flip(0), out["mlm_labels"])
+    other = masking(ids, [s + 1 for s in seeds])
+    assert not torch.equal(other["mlm_labels"], out["mlm_labels"])
+    labels, masked = out["mlm_labels"], out["mlm_input_ids"]
+    assert torch.equal(torch.stack([out["mlm_batch"], out["mlm_position"]]), (labels != -100).nonzero().t())
+    special = torch.isin(ids, torch.tensor([TOKENS.pad, TOKENS.cls]))
+    assert (labels[special] == -100).all() and torch.equal(masked[special], ids[special])
+    chosen = labels != -100
+    assert torch.equal(labels[chosen], ids[chosen])
+    rate = chosen.sum() / (~special).sum()  # 400 * 12 maskable tokens: sd 0.005
+    assert 0.13 < rate < 0.17
+    as_mask = (masked[chosen] == TOKENS.mask).float().mean()
+    unchanged = (masked[chosen] == ids[chosen]).float().mean()
+    assert 0.75 < as_mask < 0.85 and 0.07 < unchanged < 0.16
+
+
+def test_model_with_collate_masks_equals_its_own_masking_with_those_masks(tmp_path, monkeypatch):
+    """The forward given the collate's masks computes what it computes when its own masking
+    draws the same masks, and it never asks the device for the masked positions."""
+    import albef.models.albef as albef_module
+    from albef.data.masking import MLMMasking
+
+    model = make_model(tmp_path).train()
+    images, input_ids, attention_mask = make_batch(4)
+    masks = MLMMasking(0.5, TOKENS, model.text_encoder.config.vocab_size)(input_ids, [11, 12, 13, 14])
+    assert len(masks["mlm_batch"]) > 0
+    torch.manual_seed(3)
+    real_nonzero = torch.Tensor.nonzero
+    calls = []
+
+    def counting_nonzero(self, *args, **kwargs):
+        calls.append(self.shape)
+        return real_nonzero(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", counting_nonzero)
+    given = model(images, input_ids, attention_mask, alpha=0.4, mlm_masks=masks)
+    assert calls == []  # no masked-position lookup in the step
+    monkeypatch.setattr(albef_module, "mask_tokens",
+                        lambda *a, **k: (masks["mlm_input_ids"], masks["mlm_labels"]))
+    torch.manual_seed(3)
+    own = model(images, input_ids, attention_mask, alpha=0.4)
+    assert len(calls) == 1
+    for key in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
+        assert torch.equal(given[key], own[key]), key

@@ -171,9 +171,14 @@ class SharedEpoch:
         return self._value.value
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch; `stream` > 0 gives independent
+    seeds for other draws of the same sample (1: its MLM mask)."""
+    entropy = [seed, epoch, index] + ([stream] if stream else [])
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+MLM_STREAM = 1  # sample_seed stream of the MLM masks (albef.data.masking.MLMMasking, in the collate)
 
 
 def make_sample(
@@ -196,13 +201,14 @@ def make_sample(
         return BadSample("empty_caption", index, f"{name}: caption {raw_caption!r} is empty after cleaning")
     if isinstance(image, SampleError):
         return BadSample(image.reason, index, image.detail)
+    sample = {"caption": caption, "id": sample_id, "index": index,
+              "mlm_seed": sample_seed(seed, epoch, index, MLM_STREAM)}
     if isinstance(image, EncodedImage):  # data.decode=device: transformed after decoding on the device
-        image = replace(image, seed=sample_seed(seed, epoch, index), transform=transform)
-        return {"image": image, "caption": caption, "id": sample_id, "index": index}
+        return {"image": replace(image, seed=sample_seed(seed, epoch, index), transform=transform), **sample}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sample_seed(seed, epoch, index))
         pixels = transform(image)
-    return {"image": pixels, "caption": caption, "id": sample_id, "index": index}
+    return {"image": pixels, **sample}
 
 
 # ----------------------------------------------------------------------------- JSON format

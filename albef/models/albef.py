@@ -15,22 +15,13 @@ from torch import Tensor, nn
 
 from albef import dist
 from albef.losses import ITC_KINDS, itc_loss, itc_stats, itc_targets, itm_loss, mlm_loss
+from albef.data.masking import TokenIds, mask_tokens, special_tokens
 from albef.models.bert import TextEncoder
 from albef.models.ops import TiedGradient
 from albef.models.momentum import MomentumModel, enqueue_, momentum_copy
 
 LOSS_TERMS = ("itc", "itm", "mlm")
 ITM_NEGATIVES = ("local", "global")
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """Special token ids of the tokenizer (MLM never masks pad or cls, nor sep with mlm_mask_sep=False)."""
-
-    pad: int
-    cls: int
-    sep: int
-    mask: int
 
 
 @dataclass
@@ -63,33 +54,6 @@ def similarity(features: Tensor, bank: Tensor, temp: Tensor) -> Tensor:
     """`features @ bank / temp` in fp32 with autocast off (ITC logits, targets, ITM sampling)."""
     with torch.autocast(features.device.type, enabled=False):
         return features.float() @ bank.float() / temp.float()
-
-
-def special_tokens(token_ids: TokenIds, mask_sep: bool = True) -> Tensor:
-    """The ids MLM never masks: [PAD] and [CLS] (ALBEF), plus [SEP] unless `mask_sep`."""
-    return torch.tensor([token_ids.pad, token_ids.cls] + ([] if mask_sep else [token_ids.sep]))
-
-
-def mask_tokens(
-    input_ids: Tensor,
-    probability: float,
-    token_ids: TokenIds,
-    vocab_size: int,
-    mask_sep: bool = True,
-    special: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """BERT masking: select tokens with `probability` (never pad/cls, nor sep when not
-    `mask_sep`; `special` = those ids precomputed on the device); of those 80% become [MASK], 10%
-    a random token, 10% stay. Returns (masked ids, labels with -100 elsewhere). No host sync."""
-    if special is None:
-        special = special_tokens(token_ids, mask_sep).to(input_ids.device)
-    selected = (torch.rand(input_ids.shape, device=input_ids.device) < probability) & ~torch.isin(input_ids, special)
-    labels = input_ids.masked_fill(~selected, -100)
-    choice = torch.rand(input_ids.shape, device=input_ids.device)
-    random_tokens = torch.randint_like(input_ids, vocab_size)
-    masked = torch.where(selected & (choice < 0.8), token_ids.mask, input_ids)
-    masked = torch.where(selected & (choice >= 0.9), random_tokens, masked)
-    return masked, labels
 
 
 def sample_negatives(sim: Tensor, exclude: Tensor) -> tuple[Tensor, Tensor]:
@@ -243,12 +207,17 @@ class ALBEF(MomentumModel):
     # ----------------------------------------------------------------------------- forward
 
     def forward(
-        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float, ids: Tensor | None = None
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float, ids: Tensor | None = None,
+        mlm_masks: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor | tuple[Tensor, Tensor, Tensor]]:
         """Weighted loss of the enabled terms plus detached ITC stats and `queue_update`.
 
         `ids` [B] are image ids: captions with the same id are positives (in batch and queue);
         without ids only the paired sample is positive, as in ALBEF pretraining.
+
+        `mlm_masks`: the captions already masked (`albef.data.masking.MLMMasking`, the training
+        collate: ``mlm_input_ids``, ``mlm_labels``, ``mlm_batch``, ``mlm_position``); without it the
+        forward masks them itself, at the cost of one host sync (the number of masked tokens).
 
         One pass per encoder: the text layers run once over the captions and their masked copies,
         the fusion layers once over the 3B ITM rows and the B MLM rows, with the cross-attention
@@ -258,7 +227,10 @@ class ALBEF(MomentumModel):
         weights = self.loss_weights
         contrast, mlm = bool(weights["itc"] or weights["itm"]), bool(weights["mlm"])
         batch_size = len(input_ids)
-        if mlm:  # first: the step's one host sync (the masked positions) then waits for no queued work
+        if mlm and mlm_masks is not None:  # masked in the collate: no host sync
+            masked_ids, labels = mlm_masks["mlm_input_ids"], mlm_masks["mlm_labels"]
+            mlm_batch, mlm_position = mlm_masks["mlm_batch"], mlm_masks["mlm_position"]
+        elif mlm:  # first in the forward: the host sync (masked positions) waits for no queued work
             masked_ids, labels = mask_tokens(
                 input_ids, self.mlm_probability, self.token_ids, self.text_encoder.config.vocab_size,
                 mask_sep=self.mlm_mask_sep, special=self.never_masked)

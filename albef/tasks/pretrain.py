@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from albef.config import Config, check_data_files
 from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_train_loader, set_epoch, webdataset_pipeline
+from albef.data.masking import MLM_KEYS, MLMMasking
 from albef.data.transforms import train_transform
 from albef.dist import DistInfo
 from albef.models import build_model, build_tokenizer
@@ -30,6 +31,7 @@ class PretrainTask:
     def __init__(self) -> None:
         self.loader: DataLoader | None = None  # built once: its workers persist across epochs
         self.same_id_positives = False
+        self.masking: MLMMasking | None = None
 
     def check(self, cfg: Config, training: bool = True) -> None:
         """Before anything is built: the caption annotation and shard files are well-formed."""
@@ -37,7 +39,11 @@ class PretrainTask:
 
     def build_model(self, cfg: Config) -> nn.Module:
         self.same_id_positives = cfg.loss.same_id_positives
-        return build_model(cfg)
+        model = build_model(cfg)
+        # the loader masks the captions as this model would (MLMMasking: in the workers, no host sync)
+        self.masking = MLMMasking(model.mlm_probability, model.token_ids, model.text_encoder.config.vocab_size,
+                                  model.mlm_mask_sep) if model.loss_weights["mlm"] else None
+        return model
 
     def build_train_loader(
         self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
@@ -64,7 +70,7 @@ class PretrainTask:
         dataset = self.build_train_dataset(cfg)
         tokenizer = build_tokenizer(cfg)
         return build_train_loader(
-            dataset, Collator(tokenizer, d.max_tokens, d.pad_to_max_tokens), batch_size=cfg.train.batch_size,
+            dataset, Collator(tokenizer, d.max_tokens, d.pad_to_max_tokens, self.masking), batch_size=cfg.train.batch_size,
             num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
 
     def _batches_per_epoch(self, cfg: Config, dist: DistInfo) -> int:
@@ -77,7 +83,9 @@ class PretrainTask:
 
     def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
         ids = batch["ids"] if self.same_id_positives else None
-        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, ids=ids)
+        masks = {k: batch[k] for k in MLM_KEYS} if "mlm_input_ids" in batch else None
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, ids=ids,
+                    mlm_masks=masks)
         out["temp"] = unwrap(model).temp.detach()
         return out
 
