@@ -163,14 +163,6 @@ class ALBEF(MomentumModel):
         self.register_buffer("idx_queue", torch.full((1, queue_size), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
-    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.vision_proj, self.vision_proj_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.text_proj, self.text_proj_m),
-        ]
-
     # ----------------------------------------------------------------------------- encoders
 
     def image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:

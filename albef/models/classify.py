@@ -94,15 +94,6 @@ class Classifier(MomentumModel):
             self.text_encoder_m = momentum_copy(self.text_encoder)
             self.cls_head_m = momentum_copy(self.cls_head)
 
-    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        if not self.distill:
-            return []
-        return [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.cls_head, self.cls_head_m),
-        ]
-
     def _logits(self, visual_encoder, text_encoder, cls_head, images, input_ids, attention_mask) -> Tensor:
         if self.num_images == 1:
             image_embeds = visual_encoder(images)

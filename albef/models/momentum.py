@@ -21,14 +21,16 @@ def momentum_copy(module: nn.Module) -> nn.Module:
 
 
 class MomentumModel(nn.Module):
-    """Base of the models with momentum copies: a subclass sets `self.momentum` and lists its
-    (online, momentum) module pairs in `_momentum_pairs()`; the engine calls `momentum_update()`
-    once per optimizer step."""
+    """Base of the models with momentum copies: a subclass sets `self.momentum` and names the
+    momentum copy of its submodule `x` `x_m` (ALBEF's key names, `momentum_copy`); the engine
+    calls `momentum_update()` once per optimizer step."""
 
     momentum: float
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return []
+        """(online, momentum) module pairs: every child `x_m` with its `x`."""
+        return [(getattr(self, name[:-2]), module) for name, module in self.named_children()
+                if name.endswith("_m") and isinstance(getattr(self, name[:-2], None), nn.Module)]
 
     def _paired_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
         online, momentum = [], []

@@ -101,15 +101,6 @@ class VQAModel(MomentumModel):
             self.text_encoder_m = momentum_copy(text_encoder)
             self.text_decoder_m = momentum_copy(text_decoder)
 
-    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        if not self.distill:
-            return []
-        return [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.text_decoder, self.text_decoder_m),
-        ]
-
     def encode_question(self, images: Tensor, question_ids: Tensor, question_mask: Tensor, momentum: bool = False
                         ) -> Tensor:
         """Question states [B, L, W] fused with the image."""
