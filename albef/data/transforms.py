@@ -15,6 +15,8 @@ from functools import partial
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from .device_decode import DECODE_MODES
+
 ALBEF_OPS = (
     "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
     "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
@@ -139,8 +141,8 @@ def train_transform(
         steps.append(v2.RandomHorizontalFlip())
     if randaugment:
         steps.append(albef_randaugment())
-    if decode not in ("workers", "device"):
-        raise ValueError(f"decode must be 'workers' or 'device' (got {decode!r})")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES} (got {decode!r})")
     draft = None
     jpeg_draft = jpeg_draft and decode == "workers"
     if jpeg_draft and crop:

@@ -121,14 +121,14 @@ class _JoinedEmbedding(torch.autograd.Function):
 _LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
-    """Boolean mask of `shape`, each element True with probability 1 - p, from the torch
-    generator of `device` (two elements per 64-bit random word)."""
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> Tensor:
+    """Boolean CPU mask of `shape`, each element True with probability 1 - p, from the torch CPU
+    generator (two elements per 64-bit random word)."""
     numel = 1
     for size in shape:
         numel *= size
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device).random_()
-    thresholds = torch.empty(2, dtype=torch.int32, device=device)
+    words = torch.empty((numel + 1) // 2, dtype=torch.int64).random_()
+    thresholds = torch.empty(2, dtype=torch.int32)
     thresholds[_LOW] = -(2**31) + round(p * 2**32)
     thresholds[_HIGH] = round(p * 2**31)
     return (words.view(torch.int32).view(-1, 2) >= thresholds).view(-1)[:numel].view(shape)
