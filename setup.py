@@ -21,6 +21,7 @@ setup(
     ],
     entry_points={
         "console_scripts": [
+            "albef=albef.command:main",
             "albef-pretrain=albef.pretrain:main",
             "albef-demo=albef.demo:main",
             "albef-retrieval=albef.tasks.retrieval:main",
