@@ -164,7 +164,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_hf_hub_name_resolves_from_the_offline_cache(run, tmp_path, monkeypatch, no_network):
+def test_hf_hub_name_resolves_from_the_offline_cache(run, tmp_path, monkeypatch, no_network, capsys):
     cache, snapshot = _hub_cache(tmp_path, run["full"])
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -179,6 +179,12 @@ def test_hf_hub_name_resolves_from_the_offline_cache(run, tmp_path, monkeypatch,
     assert "\n" not in str(err.value) and "HF_HUB_OFFLINE is set" in str(err.value)
     with pytest.raises(CheckpointError, match="not a Hub model name"):
         read_model_state("hf-hub:no-slash")
+    # --init-from takes Hub names too (no "file not found" from the path checks): here one not cached
+    assert albef_main(["retrieval", "--config", str(TINY_YAML), "--init-from", "hf-hub:org/absent",
+                       f"model.text.bert={run['corpus']['bert']}", f"data.train_files=[{run['corpus']['train']}]",
+                       f"data.image_root={run['corpus']['image_root']}", "loss.weights.mlm=0",
+                       f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "hf-hub:org/absent: not in the Hub cache" in _one_line_error(capsys)
 
 
 def _hostile_copy(run, tmp_path, extra: str, marker: Path) -> Path:
