@@ -411,7 +411,7 @@ def _git_commit() -> str:
     return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def _sample_count(file: str, cfg: Any) -> str:
+def _sample_count(file: str) -> str:
     try:
         data = json.loads(Path(file).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -489,7 +489,7 @@ def model_card(*, repo_id: str, task: str, cfg: Any, model: torch.nn.Module, exp
     if cfg.data.format == "wds":
         data = [f"- WebDataset shards `{cfg.data.shards}` ({cfg.data.num_samples or 'unknown'} samples)"]
     else:
-        data = [f"- `{file}`: {_sample_count(file, cfg)}" for file in cfg.data.train_files]
+        data = [f"- `{file}`: {_sample_count(file)}" for file in cfg.data.train_files]
     # best.pt's metric; pretraining keeps no best.pt but logs val retrieval, whose summary is r_mean
     best_metric = getattr(_task(task), "best_metric", None) or (
         "r_mean" if any("r_mean" in r for r in results.values()) else None)
