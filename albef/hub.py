@@ -437,12 +437,15 @@ def _metric_rows(results: dict[str, dict], best_metric: str | None) -> list[str]
     rows = []
     for split, entries in sorted(by_split.items()):
         entries.sort(key=lambda e: e[0])
-        step, data = entries[-1]
-        rows.append(("final", split, step, data))
-        if best_metric and any(best_metric in d for _, d in entries):
-            step, data = max((e for e in entries if isinstance(e[1].get(best_metric), (int, float))),
-                             key=lambda e: e[1][best_metric])
-            rows.append((f"best ({best_metric})", split, step, data))
+        final = entries[-1]
+        rows.append(("final", split, *final))
+        scored = [e for e in entries if isinstance(e[1].get(best_metric), (int, float))] if best_metric else []
+        if split == "val" and scored:  # as best.pt: chosen on val
+            best = max(scored, key=lambda e: e[1][best_metric])
+            if best[0] == final[0]:
+                rows[-1] = (f"final, best ({best_metric})", split, *final)
+            else:
+                rows.append((f"best ({best_metric})", split, *best))
     lines = []
     for kind, split, step, data in rows:
         numbers = ", ".join(f"{k} {_fmt(v)}" for k, v in data.items()

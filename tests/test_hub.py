@@ -318,7 +318,7 @@ def test_model_card_names_the_run_results(run):
     assert results, "the run evaluated nothing"
     for name, data in results.items():
         step = name.split("_step")[1].removesuffix(".json")
-        assert f"| final | val | {step} |" in body and f"| best (r_mean) | val | {step} |" in body
+        assert f"| final, best (r_mean) | val | {step} |" in body  # one evaluation: the final one is the best
         for key, value in data.items():
             if isinstance(value, float) and not key.startswith("time_"):
                 assert f"{key} {value:.4g}" in body, key
@@ -406,3 +406,11 @@ def test_released_albef_checkpoint_converts_once(tmp_path):
     model, preprocess = albef.load(tmp_path / "online")
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     assert model.similarity([image], ["a red square", "a blue circle"]).shape == (1, 2)
+
+
+def test_model_card_results_rows_final_and_best_on_val():
+    results = {"val_step2.json": {"r_mean": 3.0, "txt_r1": 1.5}, "val_step4.json": {"r_mean": 2.0},
+               "val_latest.json": {"r_mean": 2.0}, "test_step4.json": {"r_mean": 1.0, "time_encode_s": 9.0}}
+    assert hub._metric_rows(results, "r_mean") == [
+        "| final | test | 4 | r_mean 1 |", "| final | val | 4 | r_mean 2 |",
+        "| best (r_mean) | val | 2 | r_mean 3, txt_r1 1.5 |"]
