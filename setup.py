@@ -12,6 +12,7 @@ setup(
         "timm>=1.0",
         "transformers>=4.40",
         "safetensors",
+        "huggingface_hub>=0.23",  # albef export / push, hf-hub: names
         "webdataset",
         "tensorboard",
         "matplotlib",

@@ -829,8 +829,13 @@ def unwrap_model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tens
 def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights of any weight file we accept, with ALBEF's text-encoder keys mapped to
     ours: this framework's `.pt` checkpoints and `.dcp` directories, released ALBEF `.pth`
-    files (`{'model': state_dict}`), plain state dicts and `.safetensors`. Nothing in the file
-    is executed."""
+    files (`{'model': state_dict}`), plain state dicts and `.safetensors`, folders written by
+    `albef export` and `hf-hub:org/name[@revision]` names (albef.hub). Nothing in the file is
+    executed."""
+    from albef import hub
+
+    if hub.is_hub_name(path) or hub.is_export_dir(path):
+        return hub.read_export(path)[1]
     path = Path(path)
     if path.is_dir():
         if not is_dcp_checkpoint(path):

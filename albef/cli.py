@@ -45,7 +45,7 @@ def build_parser(prog: str, description: str, flags: TaskFlags | None = None) ->
     parser.add_argument("--output-dir", help="overrides output_dir")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in output_dir, if any) or a checkpoint path")
     parser.add_argument("--init-from", help="start from these weights (sets model.init_checkpoint): our .pt/.dcp "
-                        "checkpoint or run directory, or a released ALBEF .pth")
+                        "checkpoint or run directory, a released ALBEF .pth, an `albef export` folder or hf-hub:org/name")
     parser.add_argument("--evaluate", action="store_true", help="evaluate on val/test only, no training")
     for flag, (key, help) in (flags or {}).items():
         parser.add_argument(flag, dest=key, metavar="N", help=f"{help} (sets {key})")

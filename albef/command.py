@@ -27,6 +27,8 @@ TASKS: dict[str, tuple[str, str]] = {
 # Tools that are not tasks: name -> ("module:function", one-line description).
 TOOLS: dict[str, tuple[str, str]] = {
     "demo": ("albef.demo:main", "generate the demo corpus, pretrain on it, print retrieval recall"),
+    "export": ("albef.hub:export_main", "write a run or weight file as a pickle-free folder with a model card"),
+    "push": ("albef.hub:push_main", "upload a run or exported folder to the Hugging Face Hub (private by default)"),
 }
 
 

@@ -506,7 +506,7 @@ def check_paths(cfg: Config, training: bool = True) -> None:
             need(f"eval.{split}[{i}]", file)
     if (cfg.eval.val_files or cfg.eval.test_files) and cfg.eval.image_root:
         need("eval.image_root", cfg.eval.image_root, "directory")
-    if cfg.model.init_checkpoint:
+    if cfg.model.init_checkpoint and not cfg.model.init_checkpoint.startswith("hf-hub:"):  # albef.hub resolves those
         need("model.init_checkpoint", cfg.model.init_checkpoint, "file or directory")
     if cfg.model.vision.checkpoint:
         need("model.vision.checkpoint", cfg.model.vision.checkpoint)

@@ -157,16 +157,22 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu",
          config: str | os.PathLike | Config | None = None) -> tuple[ALBEFInference, Preprocess]:
     """`model, preprocess = albef.load(path)`: a trained model ready to score images and captions.
 
-    `path`: a weight file with its config inside (best.pt, a training checkpoint) or a run
-    directory (best.pt or its newest checkpoint). `config`: a YAML file or Config to use instead
+    `path`: a weight file with its config inside (best.pt, a training checkpoint), a run
+    directory (best.pt or its newest checkpoint), a folder written by `albef export` or
+    `hf-hub:org/name[@revision]` (albef.hub). `config`: a YAML file or Config to use instead
     of the stored one (needed for files without one, such as released ALBEF .pth files).
     Nothing is downloaded except, for hub names, the BERT config and tokenizer.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such weight file or run directory")
-    weights = path if path.is_file() or is_dcp_checkpoint(path) else _weights_file(path)
-    state, stored = _read(weights)
+    from albef import hub
+
+    if hub.is_hub_name(path) or hub.is_export_dir(path):  # `albef export` folder, hf-hub:org/name[@revision]
+        weights, state, stored = hub.read_export(path)
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such weight file or run directory")
+        weights = path if path.is_file() or is_dcp_checkpoint(path) else _weights_file(path)
+        state, stored = _read(weights)
     if isinstance(config, Config):
         cfg = config
     elif config is not None:
@@ -181,7 +187,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu",
     cfg.model.text.pretrained, cfg.model.init_checkpoint = False, None
 
     model = build_model(cfg)
-    report = load_weights(model, state, str(weights))
+    queues = [k for k in ("image_queue", "text_queue", "idx_queue", "queue_ptr") if k not in state]  # exports leave them out
+    report = load_weights(model, state, str(weights), new=queues)
     if report.new or report.resampled or report.reinitialised or report.skipped:
         report.print()
     model.to(device)
