@@ -369,7 +369,8 @@ def evaluate_retrieval(model, cfg, device: torch.device | str, split: str = "tes
 
 
 def format_table(result: Mapping[str, float]) -> str:
-    """R@1/5/10 table per direction: ITM re-ranked, ITC only and chance."""
+    """R@1/5/10 table per direction: ITM re-ranked, ITC only and chance (and the number of tied
+    queries, when there are any)."""
     header = f"{'':15s}{'':15s}" + "".join(f"{f'R@{k}':>8s}" for k in RECALL_AT)
     lines = [header]
     for direction, key in (("text -> image", "img"), ("image -> text", "txt")):
@@ -378,9 +379,9 @@ def format_table(result: Mapping[str, float]) -> str:
             row = "".join(f"{result[f'{prefix}{key}_r{k}']:8.2f}" for k in RECALL_AT)
             lines.append(f"{direction if not prefix else '':15s}{label:15s}{row}")
     lines.append(f"{result['num_images']} images, {result['num_texts']} captions, r_mean {result['r_mean']:.2f}")
-    if "txt_ties" in result:
-        lines.append(f"ITM re-ranked queries with a negative tied at the positive's score (their recall follows "
-                     f"numpy's tie order, as itm_eval's): text -> image {result['img_ties']}, "
+    if result.get("txt_ties") or result.get("img_ties"):  # only when recall depends on the tie order
+        lines.append(f"ITM re-ranked queries with a negative tied at the positive's score (ranked in numpy's "
+                     f"order, as ALBEF's itm_eval): text -> image {result['img_ties']}, "
                      f"image -> text {result['txt_ties']}")
     return "\n".join(lines)
 
