@@ -3,7 +3,7 @@
 The figures equal those of the official evaluation code, so they can be compared with papers:
 
 * `vqa_accuracy`: the VQA accuracy of the official VQA toolkit (GT-Vision-Lab/VQA
-  `vqaEval.py`, the current version with its 2021 fix; the EvalAI server's metric): answer
+  `vqaEval.py`, the current version with its 2021 fix): answer
   normalisation, the average over the leave-one-annotator-out subsets, per answer type.
 * `retrieval_recall`: R@1/5/10 both ways and their means, equal to ALBEF's `itm_eval` on any score
   matrix, tied scores included (the same `np.argsort`), plus how many queries had a tie.
