@@ -11,7 +11,7 @@ from PIL import Image
 from albef.data.grounding import load_boxes, load_refs
 from albef.data.synthetic import generate_grounding_set, shape_box
 from albef.gradcam import gradcam, gradcam_token_maps, upsample_map
-from albef.tasks.grounding import box_iou, grounding_accuracy, pick_box, score_boxes
+from albef.metrics import box_iou, grounding_accuracy, pick_box, score_boxes
 from albef.visualize import figure_size, gradcam_figure, save_png
 
 # ----------------------------------------------------------------------------- metric vs brute force

@@ -21,7 +21,7 @@ from albef.models.classify import assign_images, build_classifier, build_text_as
 from albef.tasks import nlvr, nlvr_pretrain, ve
 from albef.tasks.nlvr import NLVRTask
 from albef.tasks.nlvr_pretrain import TextAssignmentTask
-from albef.tasks.ve import VETask, accuracy
+from albef.tasks.ve import VETask
 from conftest import TINY_YAML, tiny_corpus
 
 torch.set_num_threads(2)
@@ -132,13 +132,6 @@ def test_distillation_loss_is_weighted_hard_and_soft_cross_entropy():
     assert classification_distill_loss(logits, targets, logits_m, alpha).item() == pytest.approx(expected, rel=1e-6)
     assert classification_distill_loss(logits, targets).item() == pytest.approx(hard, rel=1e-6)
     assert classification_distill_loss(logits, targets, logits_m, 0.0).item() == pytest.approx(hard, rel=1e-6)
-
-
-def test_accuracy_counts_matches():
-    assert accuracy([0, 1, 2, 2], [0, 1, 1, 2]) == 75.0
-    assert accuracy([], []) == 0.0
-    with pytest.raises(ValueError):
-        accuracy([1], [1, 0])
 
 
 def test_ta_assignment_draws_consistent_pairs():

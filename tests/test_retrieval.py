@@ -1,10 +1,11 @@
 """Retrieval evaluation: recall on hand-made score matrices, chance levels, ITM re-ranking."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from albef.tasks.retrieval import RECALL_AT, chance_recall, itm_eval
+from albef.metrics import RECALL_AT, chance_recall, retrieval_recall
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -16,7 +17,7 @@ def one_caption_each(n: int):
 def test_perfect_scores_give_full_recall():
     txt2img, img2txt = one_caption_each(12)
     scores = torch.eye(12)
-    result = itm_eval(scores, scores, txt2img, img2txt)
+    result = retrieval_recall(scores, scores, txt2img, img2txt)
     assert all(result[f"{d}_r{k}"] == 100.0 for d in ("txt", "img") for k in RECALL_AT)
     assert result["r_mean"] == 100.0
 
@@ -25,7 +26,7 @@ def test_reversed_scores_rank_the_match_last():
     n = 12
     txt2img, img2txt = one_caption_each(n)
     scores = -torch.eye(n)  # the match scores lowest in every row
-    result = itm_eval(scores, scores, txt2img, img2txt)
+    result = retrieval_recall(scores, scores, txt2img, img2txt)
     assert result["txt_r1"] == result["txt_r5"] == result["txt_r10"] == 0.0
     assert result["img_r10"] == 0.0
 
@@ -39,24 +40,23 @@ def test_known_ranks():
         others = [j for j in range(n) if j != i]
         scores[i, others] = torch.linspace(1.0, 0.0, n - 1) * 10  # strictly decreasing
         scores[i, i] = scores[i, others[i - 1]] - 0.5 if i else 100.0
-    result = itm_eval(scores, scores, txt2img, img2txt)
+    result = retrieval_recall(scores, scores, txt2img, img2txt)
     for k in RECALL_AT:
         assert result[f"txt_r{k}"] == pytest.approx(100.0 * k / n)
         assert result[f"img_r{k}"] == pytest.approx(100.0 * k / n)
     assert result["txt_r_mean"] == pytest.approx(100.0 * 16 / 3 / n)
 
 
-def test_ties_count_against_the_query():
-    # Every candidate scores the same: a random-looking ranking must not count as a hit.
+def test_ties_follow_numpys_order_and_are_counted():
+    # A tie between the match and one negative: the rank is the match's place in
+    # np.argsort(row)[::-1] (itm_eval's order), and the query is counted in the ties.
     txt2img, img2txt = one_caption_each(4)
-    scores = torch.full((4, 4), -100.0)
-    result = itm_eval(scores, scores, txt2img, img2txt)
-    assert result["txt_r1"] == result["img_r1"] == 0.0
-    # A tie between the match and one negative is a miss at R@1 and a hit at R@5.
     scores = torch.eye(4) + torch.eye(4).roll(1, dims=1)
-    result = itm_eval(scores, scores, txt2img, img2txt)
-    assert result["txt_r1"] == result["img_r1"] == 0.0
+    result = retrieval_recall(scores, scores, txt2img, img2txt)
+    first = sum(int(np.argsort(row)[::-1][0] == i) for i, row in enumerate(scores.numpy()))
+    assert result["txt_r1"] == result["img_r1"] == 100.0 * first / 4
     assert result["txt_r5"] == result["img_r5"] == 100.0
+    assert result["txt_ties"] == result["img_ties"] == 4
 
 
 def test_multiple_captions_per_image():
@@ -71,7 +71,7 @@ def test_multiple_captions_per_image():
         ]
     )
     t2i = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
-    result = itm_eval(i2t, t2i, txt2img, img2txt)
+    result = retrieval_recall(i2t, t2i, txt2img, img2txt)
     assert result["txt_r1"] == pytest.approx(200.0 / 3)
     assert result["txt_r5"] == 100.0
     # texts 1, 3, 5 rank a wrong image first: 3 of 6 hits at R@1; all within 3 images at R@5
@@ -82,7 +82,7 @@ def test_multiple_captions_per_image():
 def test_accepts_numpy_and_dict_maps():
     np = pytest.importorskip("numpy")
     scores = np.eye(3)
-    result = itm_eval(scores, scores, {0: 0, 1: 1, 2: 2}, {0: [0], 1: [1], 2: [2]})
+    result = retrieval_recall(scores, scores, {0: 0, 1: 1, 2: 2}, {0: [0], 1: [1], 2: [2]})
     assert result["txt_r1"] == 100.0
 
 
@@ -103,18 +103,18 @@ def test_chance_matches_random_scores():
     img2txt = [[2 * i, 2 * i + 1] for i in range(30)]
     txt2img = [i // 2 for i in range(60)]
     chance = chance_recall(img2txt, 60)
-    runs = [itm_eval(torch.rand(30, 60), torch.rand(60, 30), txt2img, img2txt) for _ in range(200)]
+    runs = [retrieval_recall(torch.rand(30, 60), torch.rand(60, 30), txt2img, img2txt) for _ in range(200)]
     for key in ("txt_r5", "img_r5", "txt_r10"):
         mean = sum(r[key] for r in runs) / len(runs)
         assert mean == pytest.approx(chance[key], abs=2.5)
 
 
 def brute_force_recall(scores, positives, k):
-    """Percentage of queries (rows) with a positive among the first k after sorting by score,
-    ties broken against the query (negatives first); written without itm_eval's tensor logic."""
+    """Percentage of queries (rows) with a positive among the first k of np.argsort(row)[::-1]
+    (itm_eval's order, ties included); written without retrieval_recall's logic."""
     hits = 0
-    for row, wanted in zip(scores.tolist(), positives):
-        order = sorted(range(len(row)), key=lambda j: (-row[j], j in wanted))
+    for row, wanted in zip(scores.numpy(), positives):
+        order = np.argsort(row)[::-1].tolist()
         first_hit = min(order.index(j) for j in wanted)
         hits += first_hit < k
     return 100.0 * hits / len(positives)
@@ -130,10 +130,10 @@ def test_recall_equals_brute_force_with_several_captions_per_image(seed):
         img2txt.append(list(range(len(txt2img), len(txt2img) + count)))
         txt2img += [image] * count
     num_texts = len(txt2img)
-    # one decimal: plenty of ties, which must count against the query
+    # one decimal: plenty of ties, ranked in numpy's order as itm_eval ranks them
     i2t = (torch.rand(num_images, num_texts, generator=gen) * 2).round(decimals=1)
     t2i = (torch.rand(num_texts, num_images, generator=gen) * 2).round(decimals=1)
-    result = itm_eval(i2t, t2i, txt2img, img2txt)
+    result = retrieval_recall(i2t, t2i, txt2img, img2txt)
     for k in RECALL_AT:
         assert result[f"txt_r{k}"] == pytest.approx(brute_force_recall(i2t, [set(t) for t in img2txt], k))
         assert result[f"img_r{k}"] == pytest.approx(brute_force_recall(t2i, [{i} for i in txt2img], k))
@@ -291,7 +291,7 @@ def test_scores_equal_albefs_per_query_loop(corpus, model):
     torch.testing.assert_close(scores.i2t, i2t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores.t2i, t2i, rtol=1e-5, atol=1e-5)
     result = evaluate_retrieval(model, cfg, "cpu")
-    expected = itm_eval(i2t, t2i, data.txt2img, data.img2txt)
+    expected = retrieval_recall(i2t, t2i, data.txt2img, data.img2txt)
     assert {key: result[key] for key in expected} == expected
     assert result["time_encode_s"] > 0 and result["time_rerank_s"] > 0
 
@@ -302,8 +302,11 @@ def test_k_test_one_keeps_the_itc_top_1(corpus, model):
     result = evaluate_retrieval(model, tiny_config(corpus, "eval.k_test=1"), "cpu")
     assert result["txt_r1"] == result["itc_txt_r1"]
     assert result["img_r1"] == result["itc_img_r1"]
-    # everything below the single re-ranked candidate ties at the floor: no hits past R@1
-    assert result["txt_r10"] == result["txt_r1"] and result["img_r10"] == result["img_r1"]
+    # everything below the single re-ranked candidate ties at the -100 floor: a query missed at R@1
+    # has its positive in that tie, so it is counted, and R@5/R@10 follow numpy's tie order (itm_eval)
+    assert result["txt_ties"] == round((100 - result["txt_r1"]) / 100 * result["num_images"])
+    assert result["img_ties"] == round((100 - result["img_r1"]) / 100 * result["num_texts"])
+    assert result["txt_r10"] >= result["txt_r1"] and result["img_r10"] >= result["img_r1"]
 
 
 def test_missing_eval_image_names_the_file(corpus, model, tmp_path):

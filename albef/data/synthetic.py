@@ -406,7 +406,7 @@ def generate_vqa_set(out_dir: str, num_train: int = 2000, num_test: int = 200, i
     """Write a VQA set of new scenes under `out_dir`, next to the caption corpus and sharing its
     vocabulary in bert/ (written if absent): images/vqa_{split}_NNNNNN.jpg, vqa_train.json,
     vqa_val.json and vqa_test.json (`num_test` scenes each; albef-vqa format, 10 noisy human
-    answers per question), vqa_answer_list.json (8 colours, counts 0-2). CLI: ``python -m albef.data.synthetic --out demo_data --vqa``."""
+    answers per question, `answer_type` "other" (colour) or "number"), vqa_answer_list.json (8 colours, counts 0-2). CLI: ``python -m albef.data.synthetic --out demo_data --vqa``."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = random.Random(seed)
     paths = {"image_root": out_dir}
@@ -419,7 +419,8 @@ def generate_vqa_set(out_dir: str, num_train: int = 2000, num_test: int = 200, i
             render(background, shapes, image_size).save(os.path.join(out_dir, path), quality=95)
             for j, (question, answer) in enumerate(vqa_questions(rng, shapes)):
                 entries.append({"question_id": first_id + 10 * i + j, "question": question, "image": path,
-                                "answer": _human_answers(rng, answer), "dataset": "vqa"})
+                                "answer": _human_answers(rng, answer), "dataset": "vqa",
+                                "answer_type": "number" if answer in VQA_COUNTS else "other"})
         paths[split] = os.path.join(out_dir, f"vqa_{split}.json")
         with open(paths[split], "w", encoding="utf-8") as fp:
             json.dump(entries, fp, indent=0)

@@ -1,4 +1,5 @@
-"""VQA data (ALBEF's `vqa_dataset`): question files, answer weights, the answer list, the VQA score.
+"""VQA data (ALBEF's `vqa_dataset`): question files, answer weights, the answer list (the VQA
+accuracy is `albef.metrics.vqa_accuracy`).
 
 Annotation files are JSON lists of::
 
@@ -6,7 +7,8 @@ Annotation files are JSON lists of::
      "answer": ["down", "down", "at table", ...], "dataset": "vqa"}
 
 `answer` is the list of human answers (VQA: 10; VG: one string or a one-element list); test
-files may leave it out. `image` is relative to the image root (`vg` entries: to the VG root).
+files may leave it out. An optional `answer_type` (VQA v2: "yes/no", "number", "other") adds
+the accuracy per answer type. `image` is relative to the image root (`vg` entries: to the VG root).
 The answer list file is a JSON list of candidate answer strings (ALBEF: the 3,128 most frequent).
 """
 from __future__ import annotations
@@ -43,21 +45,6 @@ def answer_weights(entry: dict, vg_weight: float = 0.5) -> tuple[list[str], list
         return [answers if isinstance(answers, str) else answers[0]], [vg_weight]
     counts = Counter(answers)
     return list(counts), [n / len(answers) for n in counts.values()]
-
-
-def vqa_score(prediction: str, human_answers: Sequence[str]) -> float:
-    """The VQA accuracy of one prediction: min(#humans that gave it / 3, 1)."""
-    return min(sum(a == prediction for a in human_answers) / 3.0, 1.0)
-
-
-def vqa_accuracy(results: Sequence[dict], annotations: Sequence[dict]) -> float | None:
-    """Mean VQA score (in %) of `[{"question_id", "answer"}]` against annotations with answers.
-
-    None when no annotation carries answers (e.g. the VQA test-dev split).
-    """
-    truth = {a["question_id"]: a["answer"] for a in annotations if a.get("answer")}
-    scores = [vqa_score(r["answer"], truth[r["question_id"]]) for r in results if r["question_id"] in truth]
-    return 100.0 * sum(scores) / len(scores) if scores else None
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -100,6 +87,8 @@ def load_questions(files: str | Sequence[str], need_answers: bool) -> list[dict]
             answers = [answers] if isinstance(answers, str) else answers
             if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
                 raise AnnotationError(f"{where}: 'answer' must be a string or a list of strings")
+            if not isinstance(entry.get("answer_type", ""), str):
+                raise AnnotationError(f"{where}: 'answer_type' must be a string such as \"yes/no\", \"number\" or \"other\"")
             if need_answers and not answers:
                 raise AnnotationError(f"{where}: training questions need a non-empty 'answer' list")
             if "question_id" not in entry and not need_answers:

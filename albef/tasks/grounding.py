@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -49,73 +48,11 @@ from albef.data.transforms import eval_transform, train_transform
 from albef.dist import DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed
 from albef.engine.trainer import init_weights, seed_everything
 from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_gradcam, upsample_map
+from albef.metrics import IOU_THRESHOLD, box_iou, chance_accuracy, grounding_accuracy, pick_box
 from albef.models import build_tokenizer
 from albef.tasks.pretrain import unwrap
 from albef.tasks.retrieval import RetrievalTask, eval_files
 from albef.visualize import gradcam_figure, save_png
-
-IOU_THRESHOLD = 0.5
-
-
-# ----------------------------------------------------------------------------- metric
-
-
-def box_iou(box1: Sequence[float], box2: Sequence[float]) -> float:
-    """IoU of two [x, y, w, h] boxes with ALBEF's pixel convention (`computeIoU`).
-
-    A box covers pixels x .. x + w - 1; the intersection counts only when it is more than one
-    pixel wide and tall (ALBEF's strict `<`), the union is w1 h1 + w2 h2 - intersection.
-    """
-    x1, y1 = max(box1[0], box2[0]), max(box1[1], box2[1])
-    x2 = min(box1[0] + box1[2] - 1, box2[0] + box2[2] - 1)
-    y2 = min(box1[1] + box1[3] - 1, box2[1] + box2[3] - 1)
-    inter = (x2 - x1 + 1) * (y2 - y1 + 1) if x1 < x2 and y1 < y2 else 0
-    return float(inter) / (box1[2] * box1[3] + box2[2] * box2[3] - inter)
-
-
-def score_boxes(heat: Tensor, boxes: Sequence[Sequence[float]], alpha: float = 0.5) -> Tensor:
-    """ALBEF's box score ``heat[y:y+h, x:x+w].sum() / (w h) ** alpha`` for each [x, y, w, h] box
-    on the upsampled map `heat` [H, W] (integer parts of the corners, as the original slices).
-    Boxes without area score -inf."""
-    scores = []
-    for x, y, w, h in (b[:4] for b in boxes):
-        area = w * h
-        if area <= 0:
-            scores.append(heat.new_tensor(float("-inf")))
-            continue
-        region = heat[max(int(y), 0) : max(int(y + h), 0), max(int(x), 0) : max(int(x + w), 0)]
-        scores.append(region.sum() / area**alpha)
-    return torch.stack(scores) if scores else heat.new_zeros(0)
-
-
-def pick_box(heat: Tensor, boxes: Sequence[Sequence[float]], alpha: float = 0.5) -> int:
-    """Index of the best-scoring box (the first of equals)."""
-    if not boxes:
-        raise ValueError("no candidate boxes")
-    return int(score_boxes(heat, boxes, alpha).argmax())
-
-
-def grounding_accuracy(splits: Sequence[str], ious: Sequence[float], suffix: str = "_d") -> dict[str, float]:
-    """Fraction of references with IoU >= 0.5, per split present (keys ``{split}{suffix}``)."""
-    result = {}
-    for split in SPLITS:
-        hits = [iou >= IOU_THRESHOLD for s, iou in zip(splits, ious) if s == split]
-        if hits:
-            result[f"{split}{suffix}"] = sum(hits) / len(hits)
-    return result
-
-
-def chance_accuracy(splits: Sequence[str], hit_fractions: Sequence[float], suffix: str = "_d") -> dict[str, float]:
-    """Expected accuracy of picking a candidate box uniformly at random, per split (keys
-    ``{split}{suffix}_chance``); `hit_fractions` is, per reference, the fraction of its image's
-    candidates with IoU >= 0.5."""
-    result = {}
-    for split in SPLITS:
-        fractions = [f for s, f in zip(splits, hit_fractions) if s == split]
-        if fractions:
-            result[f"{split}{suffix}_chance"] = math.fsum(fractions) / len(fractions)
-    return result
-
 
 # ----------------------------------------------------------------------------- evaluation
 

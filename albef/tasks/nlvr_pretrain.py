@@ -31,6 +31,7 @@ from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo
+from albef.metrics import classification_accuracy
 from albef.models import build_tokenizer
 from albef.models.classify import (TextAssignment, build_text_assignment, double_fusion_layers, doubling_note,
                                    num_layers)
@@ -97,16 +98,17 @@ class TextAssignmentTask(PretrainTask):
         loader = build_eval_loader(dataset, Collator(build_tokenizer(cfg), cfg.data.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         generator = torch.Generator(dist.device).manual_seed(cfg.seed)
-        correct = total = 0
+        predictions: list[int] = []
+        labels: list[int] = []
         with _autocast(dist.device, cfg.train.precision):
             for batch in loader:
                 if len(batch["index"]) < 3:
                     continue
                 out = model(batch["images"].to(dist.device), batch["input_ids"].to(dist.device),
                             batch["attention_mask"].to(dist.device), generator=generator)
-                correct += int((out["logits"].argmax(dim=1) == out["labels"]).sum())
-                total += len(out["labels"])
-        return {"acc": 100.0 * correct / max(total, 1), "num_samples": total}
+                predictions += out["logits"].argmax(dim=1).tolist()
+                labels += out["labels"].tolist()
+        return {"acc": classification_accuracy(predictions, labels), "num_samples": len(labels)}
 
     def format_result(self, result: dict[str, float]) -> str:
         return f"text-assignment accuracy {result['acc']:.2f}% on {result['num_samples']} captions (chance 33.33%)"

@@ -33,10 +33,10 @@ from albef.data.datasets import SampleError, load_annotations, read_image
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo, gather_rows, get_rank, get_world_size
 from albef.engine.trainer import QUEUE_KEYS
+from albef.metrics import RECALL_AT, chance_recall, retrieval_recall
 from albef.models import build_tokenizer
 from albef.tasks.pretrain import PretrainTask, unwrap
 
-RECALL_AT = (1, 5, 10)
 # Weights of a pretraining checkpoint the retrieval model has no use for: the MLM heads.
 UNUSED_FOR_RETRIEVAL = ("text_encoder.cls", "text_encoder_m.cls")
 
@@ -106,63 +106,6 @@ class RetrievalDataset(Dataset):
         except SampleError as e:
             raise RetrievalDataError(f"eval image {e.detail} ({e.reason}); check eval.image_root / eval.*_files") from e
         return self.transform(image)
-
-
-def _ranks(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Rank of the best-scored positive in each row: how many negatives score at least as high.
-
-    Ties count against the query, so candidates left at the -100 floor never earn a hit.
-    """
-    best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-    return ((scores >= best) & ~positive).sum(dim=1)
-
-
-def _recall(ranks: torch.Tensor, k: int) -> float:
-    return 100.0 * (ranks < k).float().mean().item()
-
-
-def itm_eval(
-    scores_i2t,
-    scores_t2i,
-    txt2img: Sequence[int] | Mapping[int, int],
-    img2txt: Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
-) -> dict[str, float]:
-    """Recall@{1,5,10} for image->text (`txt_r*`) and text->image (`img_r*`), as in ALBEF.
-
-    An image query is a hit when any of its captions is within the top K.
-    """
-    scores_i2t = torch.as_tensor(scores_i2t, dtype=torch.float32)
-    scores_t2i = torch.as_tensor(scores_t2i, dtype=torch.float32)
-    num_images, num_texts = scores_i2t.shape
-    i2t_pos = torch.zeros(num_images, num_texts, dtype=torch.bool)
-    for img, txts in enumerate(img2txt[i] for i in range(num_images)):
-        i2t_pos[img, list(txts)] = True
-    t2i_pos = torch.zeros(num_texts, num_images, dtype=torch.bool)
-    t2i_pos[torch.arange(num_texts), torch.tensor([txt2img[t] for t in range(num_texts)])] = True
-
-    txt_ranks, img_ranks = _ranks(scores_i2t, i2t_pos), _ranks(scores_t2i, t2i_pos)
-    result = {f"txt_r{k}": _recall(txt_ranks, k) for k in RECALL_AT}
-    result["txt_r_mean"] = sum(result[f"txt_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
-    result.update({f"img_r{k}": _recall(img_ranks, k) for k in RECALL_AT})
-    result["img_r_mean"] = sum(result[f"img_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
-    result["r_mean"] = (result["txt_r_mean"] + result["img_r_mean"]) / 2
-    return result
-
-
-def chance_recall(img2txt: Sequence[Sequence[int]], num_texts: int) -> dict[str, float]:
-    """Expected recall of a random ranking, keyed like `itm_eval`.
-
-    Text->image: K / num_images. Image->text: the chance that a random top K of the
-    `num_texts` captions holds at least one of the image's c captions, 1 - C(T-c, K) / C(T, K).
-    """
-    num_images = len(img2txt)
-    result = {}
-    for k in RECALL_AT:
-        top = min(k, num_texts)
-        miss = [math.comb(num_texts - len(t), top) / math.comb(num_texts, top) for t in img2txt]
-        result[f"txt_r{k}"] = 100.0 * (1.0 - sum(miss) / num_images)
-        result[f"img_r{k}"] = 100.0 * min(k, num_images) / num_images
-    return result
 
 
 def _autocast(device: torch.device, precision: str):
@@ -400,7 +343,8 @@ def retrieval_scores(model, cfg, device: torch.device | str, split: str = "test"
 def evaluate_retrieval(model, cfg, device: torch.device | str, split: str = "test") -> dict[str, float]:
     """ALBEF retrieval evaluation of `model` on the `split` files of `cfg.eval`.
 
-    Returns the ITM re-ranked recalls (`txt_r1`, ..., `r_mean`, ALBEF's score), the same with
+    Returns the ITM re-ranked recalls (`txt_r1`, ..., `r_mean`, ALBEF's `itm_eval`, with
+    `txt_ties` / `img_ties`: queries whose rank depends on the tie order), the same with
     ITM + ITC scores (`itm_itc_` prefix), the ITC-only recalls before re-ranking (`itc_`), the
     chance levels (`chance_`), `num_images`, `num_texts`, `num_pairs` (pairs re-scored by ITM)
     and the seconds spent encoding and re-ranking (`time_encode_s`, `time_rerank_s`).
@@ -409,9 +353,9 @@ def evaluate_retrieval(model, cfg, device: torch.device | str, split: str = "tes
     """
     scores = retrieval_scores(model, cfg, device, split)
     dataset = scores.dataset
-    result = itm_eval(scores.i2t, scores.t2i, dataset.txt2img, dataset.img2txt)
+    result = retrieval_recall(scores.i2t, scores.t2i, dataset.txt2img, dataset.img2txt)
     for prefix, (a, b) in (("itm_itc_", (scores.i2t_itm_itc, scores.t2i_itm_itc)), ("itc_", (scores.sims, scores.sims.t()))):
-        extra = itm_eval(a, b, dataset.txt2img, dataset.img2txt)
+        extra = retrieval_recall(a, b, dataset.txt2img, dataset.img2txt)
         result.update({f"{prefix}{key}": value for key, value in extra.items()})
     chance = chance_recall(dataset.img2txt, len(dataset.texts))
     result.update({f"chance_{key}": value for key, value in chance.items()})
@@ -425,7 +369,8 @@ def evaluate_retrieval(model, cfg, device: torch.device | str, split: str = "tes
 
 
 def format_table(result: Mapping[str, float]) -> str:
-    """R@1/5/10 table per direction: ITM re-ranked, ITC only and chance."""
+    """R@1/5/10 table per direction: ITM re-ranked, ITC only and chance (and the number of tied
+    queries, when there are any)."""
     header = f"{'':15s}{'':15s}" + "".join(f"{f'R@{k}':>8s}" for k in RECALL_AT)
     lines = [header]
     for direction, key in (("text -> image", "img"), ("image -> text", "txt")):
@@ -434,6 +379,10 @@ def format_table(result: Mapping[str, float]) -> str:
             row = "".join(f"{result[f'{prefix}{key}_r{k}']:8.2f}" for k in RECALL_AT)
             lines.append(f"{direction if not prefix else '':15s}{label:15s}{row}")
     lines.append(f"{result['num_images']} images, {result['num_texts']} captions, r_mean {result['r_mean']:.2f}")
+    if result.get("txt_ties") or result.get("img_ties"):  # only when recall depends on the tie order
+        lines.append(f"ITM re-ranked queries with a negative tied at the positive's score (ranked in numpy's "
+                     f"order, as ALBEF's itm_eval): text -> image {result['img_ties']}, "
+                     f"image -> text {result['txt_ties']}")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.transforms import eval_transform, train_transform
 from albef.dist import DistInfo
+from albef.metrics import classification_accuracy
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
 from albef.tasks.retrieval import _autocast  # inference autocast, shared with retrieval
@@ -47,13 +48,6 @@ FSDP_SHARED_KV = ("train.strategy: 'fsdp' shards each BERT layer on its own, but
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
-
-
-def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    """Percentage of predictions equal to their label."""
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    return 100.0 * sum(int(p == y) for p, y in zip(predictions, labels)) / max(len(labels), 1)
 
 
 class VETask:
@@ -157,7 +151,7 @@ class VETask:
         ordered = [predicted.get(i, -1) for i in range(len(labels))]
         majority = Counter(labels).most_common(1)[0][1] if labels else 0
         result = {
-            "acc": accuracy(ordered, labels),
+            "acc": classification_accuracy(ordered, labels),
             "majority_acc": 100.0 * majority / max(len(labels), 1),
             "num_samples": len(labels),
             "num_unreadable": len(labels) - len(predicted),

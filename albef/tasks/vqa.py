@@ -7,8 +7,9 @@ Training: each question's distinct answers are scored by the answer decoder, wei
 `count / #answers` (VQA) or `vqa.vg_weight` (VG). Evaluation: every question ranks the answer
 list (`vqa.answer_list`, ALBEF's `rank_answer` with `vqa.k_test`); the predictions go to
 `OUTPUT_DIR/vqa_result_{split}.json` in the official submission format
-`[{"question_id": ..., "answer": ...}]`, and when the annotations carry human answers the VQA
-accuracy (min(#humans / 3, 1)) is returned with the majority-answer baseline of the training files.
+`[{"question_id": ..., "answer": ...}]`, and when the annotations carry human answers the
+official VQA accuracy (`albef.metrics.vqa_accuracy`: `acc`, per answer type `acc_yes_no`,
+`acc_number`, `acc_other`) is returned with the majority-answer baseline of the training files.
 
 `--init-from` a pretraining checkpoint applies ALBEF's rule (answer decoder from the fusion
 layers, `init_from_pretrain_state`); a VQA checkpoint (one with `text_decoder.*` keys) loads as it is.
@@ -32,9 +33,9 @@ from albef.cli import run_task
 from albef.config import Config, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, set_epoch
 from albef.data.transforms import eval_transform, train_transform
-from albef.data.vqa import (VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions,
-                            vqa_accuracy)
+from albef.data.vqa import VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions
 from albef.dist import DistInfo
+from albef.metrics import vqa_accuracy
 from albef.models import build_tokenizer
 from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
 
@@ -119,9 +120,9 @@ class VQATask:
             with open(os.path.join(cfg.output_dir, f"vqa_result_{split}.json"), "w", encoding="utf-8") as fp:
                 json.dump(results, fp)
         annotations = load_questions(files, need_answers=False)
-        acc = vqa_accuracy(results, annotations)
-        if acc is not None:
-            metrics["acc"] = acc
+        scored = vqa_accuracy(results, annotations)
+        if scored:
+            metrics.update(scored)
             key = tuple(cfg.data.train_files)
             if key not in self._majority:  # --evaluate may run without the training files
                 have_files = key and all(os.path.isfile(f) for f in key)
@@ -129,7 +130,7 @@ class VQATask:
             majority = self._majority[key]
             if majority is not None:
                 baseline = [{"question_id": r["question_id"], "answer": majority} for r in results]
-                metrics["majority_acc"] = vqa_accuracy(baseline, annotations)
+                metrics["majority_acc"] = vqa_accuracy(baseline, annotations)["acc"]
         return metrics
 
 
