@@ -270,6 +270,17 @@ def _coerce(tp: Any, value: Any, key: str, origins: _Origins) -> Any:
     raise origins.error(key, f"expected {_type_name(tp)} (got {_show(value)})")
 
 
+def describe_fields(cls: type, prefix: str = "", ranges: dict[str, str] | None = None) -> list[str]:
+    """One line per field of dataclass `cls`: 'prefix.name: type = default [range]' (--help)."""
+    lines = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        allowed = f"  in {ranges[f.name]}" if ranges and f.name in ranges else ""
+        lines.append(f"{prefix}{f.name}: {_type_name(hints[f.name])} = {_show(default)}{allowed}")
+    return lines
+
+
 def _nearest(key: str, prefix: str, cls: type) -> str:
     """' (did you mean ...?)' hint for an unknown key, searching its section, then anywhere."""
     names = [f.name for f in dataclasses.fields(cls)]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 
-from albef.cli import USER_ERRORS, build_parser, evaluation_weights, run_task
+from albef.cli import USER_ERRORS, build_parser, evaluation_weights
 from albef.config import Config, ConfigError, check_paths, load_config
 from albef.data.captions import pre_caption
 from albef.data.datasets import AnnotationError, SampleError, read_image
@@ -51,6 +51,7 @@ from albef.engine.trainer import init_weights, seed_everything
 from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_gradcam, upsample_map
 from albef.models import build_tokenizer
 from albef.tasks.pretrain import unwrap
+from albef.tasks.base import register_task
 from albef.tasks.retrieval import RetrievalTask, eval_files
 from albef.visualize import gradcam_figure, save_png
 
@@ -233,12 +234,23 @@ def draw_grounding(
 # ----------------------------------------------------------------------------- task
 
 
+@register_task("grounding", help="weakly supervised visual grounding (Grad-CAM)")
 class GroundingTask(RetrievalTask):
     """ALBEF's grounding model is its retrieval model: the retrieval fine-tuning step (ITC + ITM,
     every expression of an image a positive) on expression-image pairs, ALBEF's retrieval
     loading rule for `--init-from`; evaluation is Grad-CAM box picking, best.pt by `val_d`."""
 
     best_metric = "val_d"
+    description = "ALBEF weakly supervised grounding: fine-tuning and Grad-CAM evaluation (RefCOCO+)"
+    flags = {}  # retrieval's --save-examples does not apply
+
+    @classmethod
+    def main(cls, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+        """`albef-grounding --config CFG [--init-from PATH] [--evaluate | --visualize [--image P --text T]] [...]`."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if "--visualize" in argv:
+            return visualize(argv)
+        return super().main(argv, prog)
 
     def check(self, cfg: Config, training: bool = True) -> None:
         """Before anything is built: no MLM term, and every grounding file is well-formed."""
@@ -374,12 +386,7 @@ def _reference_items(cfg: Config) -> list[tuple]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`albef-grounding --config CFG [--init-from PATH] [--evaluate | --visualize [--image P --text T]] [...]`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--visualize" in argv:
-        return visualize(argv)
-    return run_task(GroundingTask, argv, "albef-grounding", "ALBEF weakly supervised grounding: fine-tuning and "
-                    "Grad-CAM evaluation (RefCOCO+)")
+    return GroundingTask.main(argv, "albef-grounding")
 
 
 if __name__ == "__main__":

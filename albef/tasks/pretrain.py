@@ -16,6 +16,7 @@ from albef.data.masking import MLM_KEYS, MLMMasking
 from albef.data.transforms import train_transform
 from albef.dist import DistInfo
 from albef.models import build_model, build_tokenizer
+from albef.tasks.base import Task, register_task
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -23,10 +24,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-class PretrainTask:
+@register_task("pretrain", help="ALBEF pretraining (ITC + ITM + MLM) from a YAML config")
+class PretrainTask(Task):
     """Supplies the engine with the ALBEF model, the caption data and the pretraining step."""
 
-    best_metric: str | None = None  # pretraining keeps no best.pt; val retrieval is logged
+    best_metric = None  # pretraining keeps no best.pt; val retrieval is logged
+    description = "ALBEF pretraining (ITC + ITM + MLM)."
 
     def __init__(self) -> None:
         self.loader: DataLoader | None = None  # built once: its workers persist across epochs

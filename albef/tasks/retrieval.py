@@ -26,7 +26,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from albef.checkpoint import LoadReport, load_weights
-from albef.cli import run_task
 from albef.config import Config, ConfigError
 from albef.data.captions import pre_caption
 from albef.data.datasets import SampleError, load_annotations, read_image
@@ -34,6 +33,7 @@ from albef.data.transforms import eval_transform
 from albef.dist import DistInfo, gather_rows, get_rank, get_world_size
 from albef.engine.trainer import QUEUE_KEYS
 from albef.models import build_tokenizer
+from albef.tasks.base import register_task
 from albef.tasks.pretrain import PretrainTask, unwrap
 
 RECALL_AT = (1, 5, 10)
@@ -41,11 +41,15 @@ RECALL_AT = (1, 5, 10)
 UNUSED_FOR_RETRIEVAL = ("text_encoder.cls", "text_encoder_m.cls")
 
 
+@register_task("retrieval", help="image-text retrieval fine-tuning and evaluation (R@1/5/10)")
 class RetrievalTask(PretrainTask):
     """ALBEF's retrieval model on the engine: the pretraining step without MLM, image ids as
     positives; evaluation on eval.val_files / eval.test_files; best.pt by mean recall."""
 
     best_metric = "r_mean"
+    description = "ALBEF image-text retrieval: fine-tuning and evaluation"
+    flags = {"--save-examples": ("eval.save_examples", "write picture grids of N text and N image queries "
+                                 "(their top-5, correct ones marked) to OUTPUT_DIR/examples/ and TensorBoard")}
 
     def check(self, cfg: Config, training: bool = True) -> None:
         """Before anything is built: the config suits the retrieval model and every annotation
@@ -440,10 +444,7 @@ def format_table(result: Mapping[str, float]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """`albef-retrieval --config CFG [--init-from PATH] [--evaluate] [--save-examples N] [...]`;
     see albef/cli.py."""
-    flags = {"--save-examples": ("eval.save_examples", "write picture grids of N text and N image queries "
-                                 "(their top-5, correct ones marked) to OUTPUT_DIR/examples/ and TensorBoard")}
-    return run_task(RetrievalTask, argv, "albef-retrieval", "ALBEF image-text retrieval: fine-tuning and evaluation",
-                    flags)
+    return RetrievalTask.main(argv, "albef-retrieval")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import Subset
 
 from albef.checkpoint import LoadReport, load_weights
-from albef.cli import run_task
 from albef.config import Config, ConfigError, check_worker_decode
 from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
@@ -32,6 +31,7 @@ from albef.data.transforms import eval_transform, train_transform
 from albef.dist import DistInfo
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
+from albef.tasks.base import Task, register_task
 from albef.tasks.retrieval import _autocast  # inference autocast, shared with retrieval
 
 # Keys of a pretraining (or retrieval) checkpoint that a classifier does not use.
@@ -56,7 +56,8 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     return 100.0 * sum(int(p == y) for p, y in zip(predictions, labels)) / max(len(labels), 1)
 
 
-class VETask:
+@register_task("ve", help="SNLI-VE visual entailment fine-tuning and evaluation")
+class VETask(Task):
     """SNLI-VE on the engine: a `Classifier` over one image, 3 classes."""
 
     name = "ve"
@@ -64,6 +65,7 @@ class VETask:
     num_classes = len(VE_LABELS)
     num_images = 1
     best_metric = "acc"
+    description = "ALBEF SNLI-VE fine-tuning and evaluation"
     label_names = {v: k for k, v in VE_LABELS.items()}
 
     def __init__(self) -> None:
@@ -180,7 +182,7 @@ class VETask:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_task(VETask, argv, prog="albef-ve", description="ALBEF SNLI-VE fine-tuning and evaluation")
+    return VETask.main(argv, "albef-ve")
 
 
 if __name__ == "__main__":

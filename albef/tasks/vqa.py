@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from albef.checkpoint import LoadReport, load_weights
-from albef.cli import run_task
 from albef.config import Config, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, set_epoch
 from albef.data.transforms import eval_transform, train_transform
@@ -37,6 +36,7 @@ from albef.data.vqa import (VQACollator, VQAEvalDataset, VQATrainDataset, load_a
 from albef.dist import DistInfo
 from albef.models import build_tokenizer
 from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
+from albef.tasks.base import Task, register_task
 
 
 def majority_answer(files: Sequence[str]) -> str | None:
@@ -45,9 +45,11 @@ def majority_answer(files: Sequence[str]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-class VQATask:
+@register_task("vqa", help="VQA fine-tuning and evaluation (answer generation)")
+class VQATask(Task):
     name = "vqa"
     best_metric = "acc"
+    description = "ALBEF VQA fine-tuning and evaluation"
 
     def __init__(self) -> None:
         self.loader: DataLoader | None = None
@@ -173,7 +175,7 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_task(VQATask, argv, prog="albef-vqa", description="ALBEF VQA fine-tuning and evaluation")
+    return VQATask.main(argv, "albef-vqa")
 
 
 if __name__ == "__main__":
