@@ -57,4 +57,4 @@ def test_every_old_console_script_still_runs_its_task(capsys):
 
 def test_python_m_task_module_is_an_alias():
     out = subprocess.run([sys.executable, "-m", "albef.tasks.vqa", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "usage: albef-vqa" in out.stdout
+    assert out.returncode == 0 and "usage: albef-vqa" in out.stdout and "vqa.k_test" in out.stdout

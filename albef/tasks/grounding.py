@@ -21,7 +21,9 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -59,6 +61,19 @@ IOU_THRESHOLD = 0.5
 
 
 # ----------------------------------------------------------------------------- metric
+
+
+@dataclass
+class GroundingConfig:
+    """Weakly supervised grounding (albef-grounding): Grad-CAM layer and box files."""
+    gradcam_mode: Literal["itm", "itc"] = "itm"  # ALBEF's --gradcam_mode: ITM via cross-attention | ITC via ViT
+    block_num: int = 8  # itm: BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM
+    #                     reads; itc: the ViT block whose self-attention it reads
+    det_file: str = "data/refcoco+/dets.json"  # {image_id: [[x, y, w, h, ...], ...]} candidate boxes
+    coco_file: str | None = None  # optional second box file (ALBEF's cocos.json): adds {split}_gt accuracies
+    refs_file: str | None = None  # {ref_id: {image_id, bbox, split}} for eval entries that lack them
+    box_alpha: float = 0.5  # box score = map[box].sum() / area ** box_alpha
+    visualize_count: int = 16  # references drawn by --visualize
 
 
 def box_iou(box1: Sequence[float], box2: Sequence[float]) -> float:
@@ -243,6 +258,8 @@ class GroundingTask(RetrievalTask):
     best_metric = "val_d"
     description = "ALBEF weakly supervised grounding: fine-tuning and Grad-CAM evaluation (RefCOCO+)"
     flags = {}  # retrieval's --save-examples does not apply
+    config_section, config_class = "grounding", GroundingConfig
+    config_ranges = {"block_num": "[0, inf)", "box_alpha": "[0, inf)", "visualize_count": "[1, inf)"}
 
     @classmethod
     def main(cls, argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -39,6 +40,18 @@ from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, in
 from albef.tasks.base import Task, register_task
 
 
+@dataclass
+class VQAConfig:
+    """VQA fine-tuning (albef-vqa): answer list, ranking and answer weights (ALBEF VQA.yaml/VQA.py)."""
+    answer_list: str = "data/answer_list.json"  # JSON list of candidate answers ranked at evaluation
+    k_test: int = 128                  # answers kept by first-token probability, then re-ranked
+    count_first_token_twice: bool = True  # ALBEF's rank_answer; false: plain sequence likelihood
+    eos: str = "[SEP]"                 # appended to every answer
+    vg_weight: float = 0.5             # weight of a Visual Genome ("dataset": "vg") answer
+    vg_root: str = ""                  # image root of "vg" entries (empty: data.image_root)
+    eval_max_words: int = 50           # question words kept at evaluation (training: data.max_words)
+
+
 def majority_answer(files: Sequence[str]) -> str | None:
     """The most frequent answer of the training questions (each question's most common human answer)."""
     counts = Counter(Counter(e["answer"]).most_common(1)[0][0] for e in load_questions(files, need_answers=True))
@@ -50,6 +63,8 @@ class VQATask(Task):
     name = "vqa"
     best_metric = "acc"
     description = "ALBEF VQA fine-tuning and evaluation"
+    config_section, config_class = "vqa", VQAConfig
+    config_ranges = {"k_test": "[1, inf)", "vg_weight": "[0, inf)", "eval_max_words": "[1, inf)"}
 
     def __init__(self) -> None:
         self.loader: DataLoader | None = None
