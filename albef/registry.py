@@ -16,7 +16,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TaskEntry", "SectionEntry", "register_task", "tasks", "get_task", "sections", "discover"]
+__all__ = ["TaskEntry", "SectionEntry", "register_task", "unregister_task", "tasks", "get_task", "sections", "discover"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,13 @@ def register_task(name: str, help: str | None = None):
         return cls
 
     return decorate
+
+
+def unregister_task(name: str) -> None:
+    """Forget task `name` and the config section it owns (tests that register a toy task)."""
+    _TASKS.pop(name, None)
+    for section in [s for s, entry in _SECTIONS.items() if entry.task == name]:
+        del _SECTIONS[section]
 
 
 def discover() -> None:
