@@ -29,6 +29,8 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 NODE_LOCAL_CLI = """
 import os, sys
 from albef import pretrain
+
+pytestmark = pytest.mark.distributed
 sys.exit(pretrain.main([a.replace("NODE", os.environ["RANK"]) for a in sys.argv[1:]]))
 """
 

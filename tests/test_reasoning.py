@@ -456,6 +456,7 @@ def _check_accuracy(run: Path, split: str, result: dict) -> None:
 
 
 @pytest.mark.parametrize("task", ["ve", "nlvr"])
+@pytest.mark.slow
 def test_task_trains_and_its_accuracy_is_the_brute_force_one(tmp_path, corpus, sets, task, capsys):
     main = ve.main if task == "ve" else nlvr.main
     assert main(["--config", str(TINY_YAML), *_tiny_overrides(tmp_path, sets, task, corpus)]) == 0
@@ -472,6 +473,7 @@ def test_task_trains_and_its_accuracy_is_the_brute_force_one(tmp_path, corpus, s
     _check_accuracy(run, "test", by_split["test"])
 
 
+@pytest.mark.slow
 def test_text_assignment_then_nlvr_from_its_run(tmp_path, corpus, sets):
     captions = [f"data.train_files=[{corpus['train']}]", f"data.image_root={corpus['image_root']}",
                 f"model.text.bert={corpus['bert']}", "train.max_steps=2", "train.batch_size=4",
@@ -484,6 +486,7 @@ def test_text_assignment_then_nlvr_from_its_run(tmp_path, corpus, sets):
     assert nlvr.main(["--config", str(TINY_YAML), "--init-from", str(ta_run), *overrides]) == 0
 
 
+@pytest.mark.slow
 def test_bad_annotation_is_one_line_exit_2(tmp_path, corpus, sets, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image": "x.jpg", "sentence": "s", "label": "maybe"}]))

@@ -65,6 +65,8 @@ os.replace = replace
 
 NAN_ITM_AT_CALL = """
 import albef.models.albef as albef_model
+
+pytestmark = pytest.mark.slow
 real_itm_loss, calls = albef_model.itm_loss, [0]
 def itm_loss(*args, **kwargs):
     calls[0] += 1

@@ -18,6 +18,8 @@ from albef.engine.trainer import PREEMPTED_EXIT_CODE, Trainer, TrainingError, se
 from albef.pretrain import main
 from albef.tasks.base import Task
 
+pytestmark = pytest.mark.slow
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

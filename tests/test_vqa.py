@@ -468,6 +468,7 @@ def _brute_force_accuracy(results, annotation_file):
     return 100 * total / len(results)
 
 
+@pytest.mark.slow
 def test_cli_trains_and_evaluates_on_a_tiny_generated_set(vqa_data, tmp_path):
     from albef.tasks.vqa import main
 
@@ -491,6 +492,7 @@ def test_cli_trains_and_evaluates_on_a_tiny_generated_set(vqa_data, tmp_path):
     assert (run / "vqa_result_test.json").read_text() == first
 
 
+@pytest.mark.distributed
 def test_two_process_training_and_evaluation_answer_every_question_once(vqa_data, tmp_path):
     """`torchrun -m albef.tasks.vqa` (gloo): each rank answers its share, rank 0 writes them all, in
     file order, and --evaluate of the trained weights in one process gives the same answers."""
@@ -509,6 +511,7 @@ def test_two_process_training_and_evaluation_answer_every_question_once(vqa_data
     assert json.loads((tmp_path / "single" / "vqa_result_test.json").read_text()) == results
 
 
+@pytest.mark.slow
 def test_cli_bad_answer_list_is_one_line_exit_2(vqa_data, tmp_path, capsys):
     from albef.tasks.vqa import main
 
@@ -521,6 +524,7 @@ def test_cli_bad_answer_list_is_one_line_exit_2(vqa_data, tmp_path, capsys):
 
 
 @needs_original
+@pytest.mark.slow
 def test_cli_evaluates_the_original_tiny_vqa_checkpoint(vqa_data, tmp_path, capsys):
     """The released format through `--init-from ... --evaluate`: loads completely and answers."""
     from albef.tasks.vqa import main
