@@ -54,7 +54,8 @@ from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_grad
 from albef.models import build_tokenizer
 from albef.tasks.pretrain import unwrap
 from albef.tasks.base import register_task
-from albef.tasks.retrieval import RetrievalTask, eval_files
+from albef.tasks.retrieval import RetrievalTask
+from albef.tasks.retrieval_eval import eval_files
 from albef.visualize import gradcam_figure, save_png
 
 IOU_THRESHOLD = 0.5

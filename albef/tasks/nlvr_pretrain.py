@@ -30,12 +30,12 @@ from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo
+from albef.engine.evaluation import inference_autocast
 from albef.models import build_tokenizer
 from albef.models.classify import (TextAssignment, build_text_assignment, double_fusion_layers, doubling_note,
                                    num_layers)
 from albef.tasks.base import register_task
 from albef.tasks.pretrain import PretrainTask
-from albef.tasks.retrieval import _autocast
 from albef.tasks.ve import FSDP_SHARED_KV, PRETRAIN_ONLY
 
 # Everything of a pretraining checkpoint TA does not use (ALBEF: unexpected keys).
@@ -100,7 +100,7 @@ class TextAssignmentTask(PretrainTask):
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         generator = torch.Generator(dist.device).manual_seed(cfg.seed)
         correct = total = 0
-        with _autocast(dist.device, cfg.train.precision):
+        with inference_autocast(dist.device, cfg.train.precision):
             for batch in loader:
                 if len(batch["index"]) < 3:
                     continue

@@ -17,6 +17,7 @@ from albef.data.transforms import train_transform
 from albef.dist import DistInfo
 from albef.models import build_model, build_tokenizer
 from albef.tasks.base import Task, register_task
+from albef.tasks.retrieval_eval import evaluate_retrieval, format_table
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -102,13 +103,9 @@ class PretrainTask(Task):
 
     def evaluate(self, model: nn.Module, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
         """Zero-shot retrieval (ITC ranking, ITM re-ranking) on eval.val_files / eval.test_files."""
-        from albef.tasks.retrieval import evaluate_retrieval
-
         return evaluate_retrieval(unwrap(model), cfg, dist.device, split)
 
     def format_result(self, result: dict[str, float]) -> str:
-        from albef.tasks.retrieval import format_table
-
         return format_table(result)
 
     def find_unused_parameters(self, cfg: Config) -> bool:

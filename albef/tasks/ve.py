@@ -29,10 +29,10 @@ from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.transforms import eval_transform, train_transform
 from albef.dist import DistInfo
+from albef.engine.evaluation import inference_autocast
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
 from albef.tasks.base import Task, register_task
-from albef.tasks.retrieval import _autocast  # inference autocast, shared with retrieval
 
 # Keys of a pretraining (or retrieval) checkpoint that a classifier does not use.
 PRETRAIN_ONLY = (
@@ -140,7 +140,7 @@ class VETask(Task):
         loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg), cfg.eval.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         indices, predictions = [], []
-        with _autocast(dist.device, cfg.train.precision):
+        with inference_autocast(dist.device, cfg.train.precision):
             for batch in loader:
                 if len(batch["index"]) == 0:
                     continue

@@ -43,7 +43,7 @@ from albef.metrics import confusion_matrix, per_class_accuracy, topk_accuracy
 from albef.models import build_model, build_tokenizer
 from albef.tasks.base import Task, register_task
 from albef.tasks.pretrain import unwrap
-from albef.tasks.retrieval import encode_images, encode_texts, eval_files, pair_itm_logits, shard
+from albef.tasks.retrieval_eval import encode_images, encode_texts, eval_files, pair_itm_logits, shard
 
 
 @dataclass
