@@ -159,6 +159,7 @@ def test_ta_assignment_draws_consistent_pairs():
 # ----------------------------------------------------------------------------- two-image fusion
 
 
+@pytest.mark.slow
 @needs_original
 def test_nlvr_fusion_layers_alternate_between_the_two_images(bert_l12):
     model = _model("nlvr", bert_l12, 96).eval()

@@ -165,6 +165,7 @@ def test_decoder_is_causal_and_ignores_padding():
     torch.testing.assert_close(padded[:, :3], full[:, :3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("twice", [True, False])
 def test_ranking_with_k_equal_to_the_list_is_full_sequence_scoring(twice):
     model = tiny_vqa_model(small_bert(), distill=False).eval()
@@ -212,6 +213,7 @@ def test_ranking_returns_the_answer_a_rigged_decoder_prefers():
         assert (ranked[:, 0] == 3).all()
 
 
+@pytest.mark.slow
 def test_training_loss_weights_answers_and_learns():
     model = tiny_vqa_model(small_bert(), distill=True)
     images, q_ids, q_mask = question_batch(3)
