@@ -39,8 +39,12 @@ class _Parser(argparse.ArgumentParser):
 TaskFlags = Mapping[str, tuple[str, str]]  # {"--save-examples": ("eval.save_examples", help)}
 
 
-def build_parser(prog: str, description: str, flags: TaskFlags | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description)
+def build_parser(prog: str, description: str, flags: TaskFlags | None = None,
+                 epilog: str | None = None) -> argparse.ArgumentParser:
+    """The shared options plus the task's `flags`; `epilog` (e.g. the task's config section)
+    closes --help as written."""
+    parser = _Parser(prog=prog, description=description, epilog=epilog,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--output-dir", help="overrides output_dir")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in output_dir, if any) or a checkpoint path")
@@ -54,9 +58,9 @@ def build_parser(prog: str, description: str, flags: TaskFlags | None = None) ->
 
 
 def parse(argv: Sequence[str] | None, prog: str, description: str,
-          flags: TaskFlags | None = None) -> tuple[argparse.Namespace, Config]:
+          flags: TaskFlags | None = None, epilog: str | None = None) -> tuple[argparse.Namespace, Config]:
     """Arguments and the validated config (paths checked); raises ConfigError."""
-    args = build_parser(prog, description, flags).parse_intermixed_args(argv)
+    args = build_parser(prog, description, flags, epilog).parse_intermixed_args(argv)
     flag_overrides = [f"{key}={getattr(args, key)}" for key, _ in (flags or {}).values() if getattr(args, key) is not None]
     cfg = load_config(args.config, list(args.overrides) + flag_overrides)
     if args.output_dir:
@@ -85,16 +89,15 @@ def _fail(err: BaseException, code: int) -> int:
 
 
 def run_task(make_task: Callable[[], Any], argv: Sequence[str] | None, prog: str, description: str,
-             flags: TaskFlags | None = None) -> int:
+             flags: TaskFlags | None = None, epilog: str | None = None) -> int:
     """Parse, validate, build and run one task: train (or `--evaluate`); returns the exit code.
-    `flags`: the task's own `--flag VALUE` options, each setting one config key."""
+    `flags`: the task's own `--flag VALUE` options, each setting one config key; `epilog`: the
+    end of --help."""
     try:
-        args, cfg = parse(argv, prog, description, flags)
+        args, cfg = parse(argv, prog, description, flags, epilog)
         resume = resolve_resume(args.resume, cfg.output_dir) if args.resume and not args.evaluate else None
         task = make_task()
-        check = getattr(task, "check", None)
-        if check is not None:
-            check(cfg, training=not args.evaluate)  # the task's own preflight (its annotation files, ...)
+        task.check(cfg, training=not args.evaluate)  # the task's own preflight (its annotation files, ...)
     except USER_ERRORS as err:
         return _fail(err, 2)
 

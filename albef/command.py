@@ -2,27 +2,40 @@
 
     albef --help                          the commands, one line each
     albef pretrain --config CFG ...       a task: the same options as `albef-pretrain`
-    albef retrieval --config CFG ...      (and ve, nlvr, nlvr-pretrain, vqa, grounding, ...)
+    albef retrieval --config CFG ...      (and every other registered task: ve, nlvr, vqa, ...)
+    albef <task> --help                   its options and its config section (defaults, types)
 
-Tasks and tools are looked up by name and imported only when run, so `albef --help` stays fast.
-The console scripts `albef-<task>` and `python -m albef.tasks.<task>` remain aliases.
+Tasks are the ones registered with `@register_task` (albef/registry.py, albef/tasks/base.py);
+tools are listed in TOOLS and imported only when run. The console scripts `albef-<task>` and
+`python -m albef.tasks.<task>` remain aliases.
 """
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
-# Training/evaluation tasks: name -> ("module:function", one-line description).
-TASKS: dict[str, tuple[str, str]] = {
-    "pretrain": ("albef.pretrain:main", "ALBEF pretraining (ITC + ITM + MLM) from a YAML config"),
-    "retrieval": ("albef.tasks.retrieval:main", "image-text retrieval fine-tuning and evaluation (R@1/5/10)"),
-    "ve": ("albef.tasks.ve:main", "SNLI-VE visual entailment fine-tuning and evaluation"),
-    "nlvr": ("albef.tasks.nlvr:main", "NLVR2 fine-tuning and evaluation"),
-    "nlvr-pretrain": ("albef.tasks.nlvr_pretrain:main", "NLVR2 text-assignment pretraining"),
-    "vqa": ("albef.tasks.vqa:main", "VQA fine-tuning and evaluation (answer generation)"),
-    "grounding": ("albef.tasks.grounding:main", "weakly supervised visual grounding (Grad-CAM)"),
-}
+from albef.registry import TaskEntry, get_task, tasks
+
+
+class _RegisteredTasks(Mapping[str, TaskEntry]):
+    """The registered tasks by command name, read from the registry when asked."""
+
+    def __getitem__(self, name: str) -> TaskEntry:
+        entry = get_task(name)
+        if entry is None:
+            raise KeyError(name)
+        return entry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tasks())
+
+    def __len__(self) -> int:
+        return len(tasks())
+
+
+# Training/evaluation tasks: name -> TaskEntry (class, one-line help), from the registry.
+TASKS: Mapping[str, TaskEntry] = _RegisteredTasks()
 
 # Tools that are not tasks: name -> ("module:function", one-line description).
 TOOLS: dict[str, tuple[str, str]] = {
@@ -38,9 +51,11 @@ def _resolve(target: str) -> Callable[[Sequence[str] | None], int]:
 
 
 def usage() -> str:
-    width = max(len(name) for name in (*TASKS, *TOOLS)) + 2
-    lines = ["usage: albef <command> [options]   (albef <command> --help for its options)", "", "tasks:"]
-    lines += [f"  {name:<{width}}{help}" for name, (_, help) in TASKS.items()]
+    registered = tasks()
+    width = max(len(name) for name in (*registered, *TOOLS)) + 2
+    lines = ["usage: albef <command> [options]   (albef <command> --help for its options and config section)",
+             "", "tasks:"]
+    lines += [f"  {name:<{width}}{entry.help}" for name, entry in registered.items()]
     lines += ["", "tools:"]
     lines += [f"  {name:<{width}}{help}" for name, (_, help) in TOOLS.items()]
     return "\n".join(lines)
@@ -52,11 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
-    entry = TASKS.get(name) or TOOLS.get(name)
-    if entry is None:
-        sys.stderr.write(f"error: albef: unknown command {name!r} (one of: {', '.join([*TASKS, *TOOLS])})\n")
+    if name in TOOLS:
+        return int(_resolve(TOOLS[name][0])(rest) or 0)
+    task = get_task(name)
+    if task is None:
+        sys.stderr.write(f"error: albef: unknown command {name!r} (one of: {', '.join([*tasks(), *TOOLS])})\n")
         return 2
-    return int(_resolve(entry[0])(rest) or 0)
+    return int(task.cls.main(rest, f"albef {name}") or 0)
 
 
 if __name__ == "__main__":

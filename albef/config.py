@@ -17,6 +17,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from albef.registry import sections as task_sections
+
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "check_paths", "check_data_files",
            "check_model_config"]
 
@@ -155,31 +157,6 @@ class EvalConfig:
 
 
 @dataclass
-class VQAConfig:
-    """VQA fine-tuning (albef-vqa): answer list, ranking and answer weights (ALBEF VQA.yaml/VQA.py)."""
-    answer_list: str = "data/answer_list.json"  # JSON list of candidate answers ranked at evaluation
-    k_test: int = 128                  # answers kept by first-token probability, then re-ranked
-    count_first_token_twice: bool = True  # ALBEF's rank_answer; false: plain sequence likelihood
-    eos: str = "[SEP]"                 # appended to every answer
-    vg_weight: float = 0.5             # weight of a Visual Genome ("dataset": "vg") answer
-    vg_root: str = ""                  # image root of "vg" entries (empty: data.image_root)
-    eval_max_words: int = 50           # question words kept at evaluation (training: data.max_words)
-
-
-@dataclass
-class GroundingConfig:
-    """Weakly supervised grounding (albef-grounding): Grad-CAM layer and box files."""
-    gradcam_mode: Literal["itm", "itc"] = "itm"  # ALBEF's --gradcam_mode: ITM via cross-attention | ITC via ViT
-    block_num: int = 8  # itm: BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM
-    #                     reads; itc: the ViT block whose self-attention it reads
-    det_file: str = "data/refcoco+/dets.json"  # {image_id: [[x, y, w, h, ...], ...]} candidate boxes
-    coco_file: str | None = None  # optional second box file (ALBEF's cocos.json): adds {split}_gt accuracies
-    refs_file: str | None = None  # {ref_id: {image_id, bbox, split}} for eval entries that lack them
-    box_alpha: float = 0.5  # box score = map[box].sum() / area ** box_alpha
-    visualize_count: int = 16  # references drawn by --visualize
-
-
-@dataclass
 class Config:
     output_dir: str = "runs/pretrain"
     seed: int = 42
@@ -189,12 +166,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    vqa: VQAConfig = field(default_factory=VQAConfig)
-    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    # + one section per registered task that owns one (`cfg.vqa`, `cfg.grounding`, ...): each task
+    # module declares its dataclass and registers it (albef/registry.py); a Config has them all.
+
+    def __post_init__(self) -> None:
+        for name, section in task_sections().items():
+            if not hasattr(self, name):
+                setattr(self, name, section.cls())
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML / checkpoint friendly)."""
-        return dataclasses.asdict(self)
+        """Plain nested dict (YAML / checkpoint friendly), task sections included."""
+        data = dataclasses.asdict(self)
+        data.update({name: dataclasses.asdict(getattr(self, name)) for name in task_sections()})
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Config:
@@ -270,9 +254,20 @@ def _coerce(tp: Any, value: Any, key: str, origins: _Origins) -> Any:
     raise origins.error(key, f"expected {_type_name(tp)} (got {_show(value)})")
 
 
+def describe_fields(cls: type, prefix: str = "", ranges: dict[str, str] | None = None) -> list[str]:
+    """One line per field of dataclass `cls`: 'prefix.name: type = default [range]' (--help)."""
+    lines = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        allowed = f"  in {ranges[f.name]}" if ranges and f.name in ranges else ""
+        lines.append(f"{prefix}{f.name}: {_type_name(hints[f.name])} = {_show(default)}{allowed}")
+    return lines
+
+
 def _nearest(key: str, prefix: str, cls: type) -> str:
     """' (did you mean ...?)' hint for an unknown key, searching its section, then anywhere."""
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = list(_hints(cls))
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"
@@ -282,9 +277,17 @@ def _nearest(key: str, prefix: str, cls: type) -> str:
     return f" (valid keys: {', '.join(names)})"
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    """The typed fields of dataclass `cls`; for Config, the registered task sections too."""
+    hints = get_type_hints(cls)
+    if cls is Config:
+        hints.update({name: section.cls for name, section in task_sections().items()})
+    return hints
+
+
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
-    for name, tp in get_type_hints(cls).items():
+    for name, tp in _hints(cls).items():
         keys.append(prefix + name)
         if dataclasses.is_dataclass(tp):
             keys += _all_keys(tp, f"{prefix}{name}.")
@@ -296,12 +299,19 @@ def _build(cls: type, data: Any, key: str, origins: _Origins) -> Any:
     if not isinstance(data, dict):
         raise origins.error(key or "<top level>", f"expected a mapping (got {_show(data)})")
     prefix = f"{key}." if key else ""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     for name in data:
         if name not in hints:
             hint = _nearest(str(name), prefix, cls)
             raise origins.error(f"{prefix}{name}", f"unknown key{hint}")
-    return cls(**{n: _coerce(hints[n], v, prefix + n, origins) for n, v in data.items()})
+    values = {n: _coerce(hints[n], v, prefix + n, origins) for n, v in data.items()}
+    if cls is not Config:
+        return cls(**values)
+    sections = task_sections()
+    cfg = cls(**{n: v for n, v in values.items() if n not in sections})
+    for name in sections.keys() & values.keys():
+        setattr(cfg, name, values[name])
+    return cfg
 
 
 # Allowed ranges, "[" / "]" inclusive, "(" / ")" exclusive; null optionals are not checked and
@@ -326,9 +336,14 @@ _RANGES = {
     "optim.warmup_lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.min_lr": "[0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_tokens": "[3, inf)", "eval.k_test": "[1, inf)", "eval.num_workers": "[0, inf)",
     "eval.save_examples": "[0, inf)",
-    "vqa.k_test": "[1, inf)", "vqa.vg_weight": "[0, inf)", "vqa.eval_max_words": "[1, inf)",
-    "grounding.block_num": "[0, inf)", "grounding.box_alpha": "[0, inf)", "grounding.visualize_count": "[1, inf)",
-}
+}  # + each task section's own ranges (its task's `config_ranges`)
+
+
+def _ranges() -> dict[str, str]:
+    ranges = dict(_RANGES)
+    for name, section in task_sections().items():
+        ranges.update({f"{name}.{key}": interval for key, interval in section.ranges.items()})
+    return ranges
 
 
 def _range_error(value: Any, interval: str) -> str | None:
@@ -375,7 +390,7 @@ def _relations(c: Config) -> list[tuple[str, bool, str]]:
 
 def _build_config(data: Any, origins: _Origins) -> Config:
     cfg = _build(Config, data, "", origins)
-    problems = [(k, _range_error(_lookup(cfg, k), r)) for k, r in _RANGES.items()]
+    problems = [(k, _range_error(_lookup(cfg, k), r)) for k, r in _ranges().items()]
     problems += [(k, None if ok else req) for k, ok, req in _relations(cfg)]
     for key, requirement in problems:
         if requirement:

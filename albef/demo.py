@@ -22,7 +22,7 @@ from typing import Sequence
 
 import albef
 from albef.data.synthetic import generate_corpus
-from albef.tasks.retrieval import format_table
+from albef.tasks.retrieval_eval import format_table
 
 REPO = Path(albef.__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"

@@ -14,12 +14,11 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from albef.cli import run_task
 from albef.tasks.pretrain import PretrainTask
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_task(PretrainTask, argv, "albef-pretrain", "ALBEF pretraining (ITC + ITM + MLM).")
+    return PretrainTask.main(argv, "albef-pretrain")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from PIL import Image
 from albef.data.datasets import read_image
 
 if TYPE_CHECKING:
-    from albef.tasks.retrieval import RetrievalScores
+    from albef.tasks.retrieval_eval import RetrievalScores
 
 TOP = 5  # candidates shown per query
 DPI = 100

@@ -9,6 +9,9 @@ from torch import nn
 
 from albef.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint_file, save_checkpoint, stage_to_cpu
 from albef.engine.trainer import Trainer
+import pytest
+
+pytestmark = pytest.mark.slow
 
 
 def _steps(ckpt_dir):

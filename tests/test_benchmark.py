@@ -15,6 +15,8 @@ from albef.flops import step_flops
 from albef.models.albef import mask_tokens
 from conftest import make_batch, make_model, write_tiny_bert
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,9 @@ from albef.data.datasets import (CaptionDataset, decode_image, load_annotations,
 from albef.data.synthetic import generate_corpus
 from albef.data.transforms import eval_transform, jpeg_draft_scale, train_transform
 from albef.engine.logging import MetricLogger
+import pytest
+
+pytestmark = pytest.mark.slow
 
 UNIT = ([0.0] * 3, [1.0] * 3)
 

@@ -8,6 +8,8 @@ import pytest
 
 from albef.demo import main, recall_ratio
 
+pytestmark = pytest.mark.slow
+
 PLOT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_itc_loss.py"
 
 

@@ -151,6 +151,7 @@ def test_webdataset_device_path_matches_its_worker_path(tmp_path):
     assert (expected[0] - expected[1]).abs().mean() > 5 * ONE_LEVEL  # the two captions' crops differ
 
 
+@pytest.mark.slow
 def test_training_losses_match_the_worker_path(tmp_path):
     corpus = tiny_corpus(tmp_path / "corpus", num_train=12)
     losses = {}
@@ -164,6 +165,7 @@ def test_training_losses_match_the_worker_path(tmp_path):
     assert np.allclose(losses["device"], losses["workers"], atol=2e-3), losses
 
 
+@pytest.mark.slow
 def test_tasks_without_a_device_path_refuse_it_in_one_line(tmp_path):
     root = Path(__file__).resolve().parents[1]
     from albef.data.synthetic import generate_reasoning_sets

@@ -8,6 +8,9 @@ import torch.multiprocessing as mp
 
 from albef import dist
 from conftest import make_batch, make_model, write_tiny_bert
+import pytest
+
+pytestmark = pytest.mark.distributed
 
 
 def test_single_process_helpers_are_identity():

@@ -21,6 +21,8 @@ from albef.engine.trainer import Trainer
 from albef.tasks.pretrain import PretrainTask
 from conftest import pretrain_config, run_torchrun, tiny_corpus
 
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "test_tiny.yaml"
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

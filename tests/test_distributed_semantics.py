@@ -26,6 +26,8 @@ from albef.models import albef as albef_module
 from albef.tasks.pretrain import PretrainTask, unwrap
 from conftest import make_batch, make_model, pretrain_config, tiny_corpus, write_tiny_bert
 
+pytestmark = pytest.mark.distributed
+
 CPU = torch.device("cpu")
 HANG_TIMEOUT = timedelta(minutes=5)  # a stuck collective fails the test instead of hanging it
 WORLD_SIZES = (2, 4)  # in this order: the 4-rank run resumes the 2-rank run's checkpoint

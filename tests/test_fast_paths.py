@@ -57,6 +57,7 @@ def assert_close_dicts(a, b, **tol):
     dict(prune_last_layer=False),
     dict(cache_image_kv=False, prune_last_layer=False),
 ])
+@pytest.mark.slow
 @pytest.mark.parametrize("ids", [None, [7, 8, 8, 9, 7]])
 def test_kv_cache_and_pruned_rows_match_the_plain_fusion_pass(tmp_path, flags, ids):
     model = no_dropout_model(tmp_path)
@@ -117,6 +118,7 @@ def reference_forward(model, images, input_ids, attention_mask, alpha):
             "loss_mlm": (1 - alpha) * hard + alpha * soft}
 
 
+@pytest.mark.slow
 def test_batched_step_matches_albefs_step_written_out(tmp_path):
     """The one-pass text and fusion encoders give the original step's losses and gradients."""
     model = no_dropout_model(tmp_path)
@@ -195,6 +197,7 @@ def test_output_rows_keep_grad_carrying_cross_attention_maps(tmp_path):
     torch.testing.assert_close(cached, hidden)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager(tmp_path):
     """Regional compile keeps the state-dict keys, the losses and the gradients. Compiled with
     the `eager` backend: the same graph capture as train.compile, without inductor's code
@@ -293,6 +296,7 @@ def _train(corpus, output_dir, poison):
     return trainer
 
 
+@pytest.mark.slow
 def test_nan_image_features_skip_the_step_and_the_run_goes_on(corpus, tmp_path):
     """NaN in one image's features at step 2: no crash in the negative sampling, the step is
     skipped, and the run ends where a run whose step 2 was dropped (NaN loss) ends."""

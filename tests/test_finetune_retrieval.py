@@ -12,6 +12,8 @@ from albef.engine.trainer import init_weights
 from albef.tasks.retrieval import RetrievalTask
 from conftest import DOWNSTREAM, ORIGINAL, needs_original, write_original_bert
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 16, "mlp_ratio": 4.0}
 MLM_HEADS = ("text_encoder.cls.", "text_encoder_m.cls.")

@@ -238,6 +238,7 @@ def _args(gset: Path, run: Path, *extra: str) -> list[str]:
             "grounding.block_num=3", "loss.weights.mlm=0", "loss.same_id_positives=true", *extra]
 
 
+@pytest.mark.slow
 def test_train_evaluate_and_visualize_on_the_demo_grounding_set(gset, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_args(gset, run, "train.max_steps=3")) == 0
@@ -307,6 +308,7 @@ def test_evaluation_with_rigged_maps_picks_the_box_under_the_peak(gset, tmp_path
     assert all(r["iou_d"] == 1.0 for r in records)
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line(gset, tmp_path, capsys):
     assert main(_args(gset, tmp_path / "a", "grounding.block_num=1")) == 2
     assert "grounding.block_num=1 is not a fusion layer" in capsys.readouterr().err
@@ -398,6 +400,7 @@ def _write_refer(tmp_path, refs_bytes):
     return str(tmp_path / "refs(unc).p"), str(tmp_path / "instances.json")
 
 
+@pytest.mark.slow
 def test_refer_files_become_the_refs_file(tmp_path):
     refs, instances = _write_refer(tmp_path, pickle.dumps(REFS, protocol=2))
     out = tmp_path / "refs.json"
@@ -420,6 +423,7 @@ def test_python2_refer_pickle_reads_as_text(tmp_path):
     assert refer_refs_file(refs, instances) == {"3": {"image_id": 55, "bbox": [1.0, 2.0, 30.0, 40.0], "split": "testB"}}
 
 
+@pytest.mark.slow
 def test_a_crafted_refer_pickle_never_runs(tmp_path):
     marker = tmp_path / "ran"
     refs, instances = _write_refer(tmp_path, pickle.dumps([{"ref_id": 1, "x": _Marker(str(marker))}], protocol=2))
@@ -499,6 +503,7 @@ def test_itc_gradcam_matches_hand_computation(tmp_path, block_num):
         itc_gradcam(model, images, input_ids, attention_mask, len(model.visual_encoder.blocks))
 
 
+@pytest.mark.slow
 def test_itc_mode_evaluates_and_draws_from_the_cli(gset, tmp_path, capsys, monkeypatch):
     import albef.gradcam
     import albef.tasks.grounding as grounding

@@ -21,6 +21,8 @@ from albef.checkpoint import (DCP_TRAINER_STATE, CheckpointError, check_dcp_dire
                               load_dcp_state, resolve_resume)
 from conftest import tiny_corpus
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "test_tiny.yaml"
 

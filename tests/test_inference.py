@@ -12,6 +12,8 @@ from albef.checkpoint import CheckpointError, save_checkpoint, save_pretrained
 from albef.config import load_config, save_config
 from albef.models import build_model
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NUM_TEST = 6
 

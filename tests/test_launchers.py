@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 STUB = """#!/usr/bin/env bash
 echo "timeout=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset} args=$*" >> "$LAUNCH_LOG"

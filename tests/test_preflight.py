@@ -13,6 +13,8 @@ import pytest
 from albef.config import ConfigError, check_data_files, check_model_config, load_config
 from conftest import tiny_corpus, write_tiny_bert
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "test_tiny.yaml"
 PRETRAIN = ROOT / "configs" / "pretrain.yaml"

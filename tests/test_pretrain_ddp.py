@@ -7,6 +7,9 @@ import torch
 
 from albef.data.synthetic import generate_corpus
 from conftest import run_torchrun
+import pytest
+
+pytestmark = pytest.mark.distributed
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 

@@ -152,6 +152,7 @@ def test_ta_assignment_draws_consistent_pairs():
 # ----------------------------------------------------------------------------- two-image fusion
 
 
+@pytest.mark.slow
 @needs_original
 def test_nlvr_fusion_layers_alternate_between_the_two_images(bert_l12):
     model = _model("nlvr", bert_l12, 96).eval()
@@ -449,6 +450,7 @@ def _check_accuracy(run: Path, split: str, result: dict) -> None:
 
 
 @pytest.mark.parametrize("task", ["ve", "nlvr"])
+@pytest.mark.slow
 def test_task_trains_and_its_accuracy_is_the_brute_force_one(tmp_path, corpus, sets, task, capsys):
     main = ve.main if task == "ve" else nlvr.main
     assert main(["--config", str(TINY_YAML), *_tiny_overrides(tmp_path, sets, task, corpus)]) == 0
@@ -465,6 +467,7 @@ def test_task_trains_and_its_accuracy_is_the_brute_force_one(tmp_path, corpus, s
     _check_accuracy(run, "test", by_split["test"])
 
 
+@pytest.mark.slow
 def test_text_assignment_then_nlvr_from_its_run(tmp_path, corpus, sets):
     captions = [f"data.train_files=[{corpus['train']}]", f"data.image_root={corpus['image_root']}",
                 f"model.text.bert={corpus['bert']}", "train.max_steps=2", "train.batch_size=4",
@@ -477,6 +480,7 @@ def test_text_assignment_then_nlvr_from_its_run(tmp_path, corpus, sets):
     assert nlvr.main(["--config", str(TINY_YAML), "--init-from", str(ta_run), *overrides]) == 0
 
 
+@pytest.mark.slow
 def test_bad_annotation_is_one_line_exit_2(tmp_path, corpus, sets, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image": "x.jpg", "sentence": "s", "label": "maybe"}]))

@@ -25,6 +25,8 @@ from albef.data.synthetic import generate_corpus
 from albef.engine.trainer import PREEMPTED_EXIT_CODE
 from conftest import assert_same
 
+pytestmark = pytest.mark.slow
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 10  # 6 steps per epoch: the chain crosses an epoch boundary

@@ -13,6 +13,8 @@ from albef.engine.trainer import Trainer
 from albef.tasks.pretrain import PretrainTask
 from conftest import assert_same
 
+pytestmark = pytest.mark.slow
+
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 

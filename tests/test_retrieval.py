@@ -227,7 +227,7 @@ def test_evaluate_retrieval_tiny(corpus, model):
 
 
 def test_itm_rescoring_touches_exactly_the_top_k_pairs_once(corpus, model, monkeypatch):
-    from albef.tasks import retrieval
+    from albef.tasks import retrieval_eval as retrieval  # where the ITM pair scoring lives
 
     pairs, batches = set(), []
     original = retrieval.pair_itm_logits
@@ -280,6 +280,7 @@ def albef_reference(model, cfg):
     return data, sims, i2t, t2i
 
 
+@pytest.mark.slow
 def test_scores_equal_albefs_per_query_loop(corpus, model):
     from albef.tasks.retrieval import evaluate_retrieval, retrieval_scores
 
@@ -317,6 +318,7 @@ def test_missing_eval_image_names_the_file(corpus, model, tmp_path):
         evaluate_retrieval(model, cfg, "cpu")
 
 
+@pytest.mark.slow
 def test_cli_evaluates_a_checkpoint(corpus, model, tmp_path, capsys):
     from albef.checkpoint import save_pretrained
     from albef.tasks.retrieval import main
@@ -334,6 +336,7 @@ def test_cli_evaluates_a_checkpoint(corpus, model, tmp_path, capsys):
     assert "model.init_checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_loads_a_checkpoint_without_mlm_heads_as_albef_retrieval_ones(corpus, model, tmp_path, capsys):
     """Released ALBEF retrieval checkpoints have no MLM heads: evaluation does not use them, so
     they are a declared skip; any other missing key still fails."""
@@ -354,6 +357,7 @@ def test_cli_loads_a_checkpoint_without_mlm_heads_as_albef_retrieval_ones(corpus
     assert "itm_head.weight" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_save_examples_writes_marked_grids_to_png_and_tensorboard(corpus, model, tmp_path):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -14,6 +14,8 @@ import torch
 from albef.config import load_config
 from conftest import run_torchrun
 
+pytestmark = pytest.mark.distributed
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 NUM_IMAGES, CAPTIONS, K = 13, 3, 5
 

@@ -16,6 +16,9 @@ from albef.data.synthetic import generate_corpus
 from albef.dist import DistInfo
 from albef.engine.trainer import PREEMPTED_EXIT_CODE, Trainer, TrainingError, seed_everything, train
 from albef.pretrain import main
+from albef.tasks.base import Task
+
+pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 
@@ -52,7 +55,7 @@ class ToyModel(nn.Module):
         self.queue_ptr[0] = (ptr + len(feats)) % QUEUE
 
 
-class ToyTask:
+class ToyTask(Task):
     """Random regression batches; `bad_steps` micro-batch calls return a NaN `loss_b`."""
 
     def __init__(self, batches_per_epoch=6, bad_calls=()):

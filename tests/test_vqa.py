@@ -142,6 +142,7 @@ def test_decoder_is_causal_and_ignores_padding():
     torch.testing.assert_close(padded[:, :3], full[:, :3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("twice", [True, False])
 def test_ranking_with_k_equal_to_the_list_is_full_sequence_scoring(twice):
     model = tiny_vqa_model(small_bert(), distill=False).eval()
@@ -189,6 +190,7 @@ def test_ranking_returns_the_answer_a_rigged_decoder_prefers():
         assert (ranked[:, 0] == 3).all()
 
 
+@pytest.mark.slow
 def test_training_loss_weights_answers_and_learns():
     model = tiny_vqa_model(small_bert(), distill=True)
     images, q_ids, q_mask = question_batch(3)
@@ -451,6 +453,7 @@ def _brute_force_accuracy(results, annotation_file, answer_type=None):
     return 100 * sum(scores) / len(scores)
 
 
+@pytest.mark.slow
 def test_cli_trains_and_evaluates_on_a_tiny_generated_set(vqa_data, tmp_path):
     from albef.tasks.vqa import main
 
@@ -476,6 +479,7 @@ def test_cli_trains_and_evaluates_on_a_tiny_generated_set(vqa_data, tmp_path):
     assert (run / "vqa_result_test.json").read_text() == first
 
 
+@pytest.mark.distributed
 def test_two_process_training_and_evaluation_answer_every_question_once(vqa_data, tmp_path):
     """`torchrun -m albef.tasks.vqa` (gloo): each rank answers its share, rank 0 writes them all, in
     file order, and --evaluate of the trained weights in one process gives the same answers."""
@@ -494,6 +498,7 @@ def test_two_process_training_and_evaluation_answer_every_question_once(vqa_data
     assert json.loads((tmp_path / "single" / "vqa_result_test.json").read_text()) == results
 
 
+@pytest.mark.slow
 def test_cli_bad_answer_list_is_one_line_exit_2(vqa_data, tmp_path, capsys):
     from albef.tasks.vqa import main
 
@@ -506,6 +511,7 @@ def test_cli_bad_answer_list_is_one_line_exit_2(vqa_data, tmp_path, capsys):
 
 
 @needs_original
+@pytest.mark.slow
 def test_cli_evaluates_the_original_tiny_vqa_checkpoint(vqa_data, tmp_path, capsys):
     """The released format through `--init-from ... --evaluate`: loads completely and answers."""
     from albef.tasks.vqa import main

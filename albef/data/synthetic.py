@@ -562,3 +562,24 @@ def generate_grounding_set(
     write_bert_dir(os.path.join(out_dir, "bert"))
     return {"image_root": out_dir, **files, "dets": os.path.join(out_dir, "dets.json"),
             "bert": os.path.join(out_dir, "bert")}
+
+
+def generate_zeroshot_set(out_dir: str, by: str = "shape", per_class: int = 30, image_size: int = 48,
+                          seed: int = 7) -> list[str]:
+    """An ImageFolder of single-shape scenes for zero-shot classification: `out_dir/<class>/*.jpg`
+    with one class per shape (`by="shape"`) or per colour (`by="color"`); everything else (colour
+    or shape, size, position, background) drawn at random. Returns the class names."""
+    if by not in ("shape", "color"):
+        raise ValueError(f"by must be 'shape' or 'color' (got {by!r})")
+    rng = random.Random(seed)
+    classes = list(SHAPES) if by == "shape" else list(COLORS)
+    for name in classes:
+        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+        for i in range(per_class):
+            item = _random_shape(rng, rng.choice(list(POSITIONS)))
+            item = Shape(name if by == "shape" else item.shape, name if by == "color" else item.color,
+                         item.size, item.center)
+            background = rng.choice(list(BACKGROUNDS))
+            with open(os.path.join(out_dir, name, f"{i:04d}.jpg"), "wb") as fp:
+                fp.write(_jpeg(render(background, [item], image_size)))
+    return classes

@@ -1,5 +1,6 @@
-"""The training engine: one loop for every task, schedules, optimizer, logging."""
+"""The training engine: one loop for every task, schedules, optimizer, logging.
+The task contract (`Task`) is albef/tasks/base.py."""
 
-from albef.engine.trainer import PREEMPTED_EXIT_CODE, Task, Trainer, TrainingError, train
+from albef.engine.trainer import PREEMPTED_EXIT_CODE, Trainer, TrainingError, train
 
-__all__ = ["PREEMPTED_EXIT_CODE", "Task", "Trainer", "TrainingError", "train"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Trainer", "TrainingError", "train"]

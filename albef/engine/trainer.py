@@ -10,7 +10,6 @@ scalars], so flags reach every rank and the logged loss terms are means over all
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import sys
@@ -19,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, best_checkpoint, checkpoint_dir, checkpoint_step,
-                              is_dcp_checkpoint, load_checkpoint_file, load_pretrained, load_training_state, load_weights,
+                              is_dcp_checkpoint, load_checkpoint_file, load_pretrained, load_training_state,
                               read_model_state, resolve_resume, save_pretrained)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
@@ -40,6 +39,9 @@ from albef.engine.logging import MetricLogger
 from albef.engine.optim import build_optimizer
 from albef.engine.schedule import alpha_at, lr_at
 
+if TYPE_CHECKING:  # the contract (albef/tasks/base.py) sits above the engine
+    from albef.tasks.base import Task
+
 PREEMPTED_EXIT_CODE = 75  # exit status after SIGTERM/SIGUSR1: a checkpoint was saved, requeue me
 
 
@@ -49,39 +51,6 @@ class InitError(CheckpointError):
 
 class TrainingError(RuntimeError):
     """The run cannot continue (repeated non-finite losses, an empty epoch); str() is one line."""
-
-
-class Task(Protocol):
-    """What a task gives the engine."""
-
-    def build_model(self, cfg: Config) -> nn.Module:
-        """The model, on the CPU, with every rank building identical weights from the same seed."""
-
-    def build_train_loader(
-        self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
-    ) -> tuple[Iterable[dict[str, Any]], int]:
-        """(loader over the rest of `epoch` after `consumed` global samples, micro-batches per
-        rank in a full epoch)."""
-
-    def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
-        """Losses for one micro-batch: 'loss' (to backprop), 'loss_*' terms and other 0-d
-        scalars to log; anything else is passed on to `after_optimizer_step`."""
-
-    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
-        """Once per optimizer step with the unwrapped model and every micro-batch's outputs."""
-
-    def find_unused_parameters(self, cfg: Config) -> bool:
-        """Whether some trainable parameters get no gradient (DDP must then search for them)."""
-
-    # Optional (fine-tuning tasks):
-    #   best_metric: str | None -- key of `evaluate`'s result that selects best.pt (higher is better)
-    #   def init_weights(self, model, state, source) -> LoadReport
-    #       `--init-from`: map a weight file's state dict (from `read_model_state`) onto the model
-    #       with the original's rule and load it with `load_weights`, declaring unused / new keys.
-    #       Default: the keys must match exactly (pos_embed resampled).
-    #   def evaluate(self, model, cfg, dist, split) -> dict[str, float]
-    #       Metrics on `split` ("val" or "test"), called on every rank with the unwrapped model.
-    #   def format_result(self, result) -> str -- a table for the terminal
 
 
 @dataclass
@@ -512,7 +481,7 @@ class Trainer:
             return None
         result = run_evaluation(self.task, self.model, self.cfg, self.dist, "val")
         self.state.evaluated_step = self.state.step
-        key = getattr(self.task, "best_metric", None)
+        key = self.task.best_metric
         value = result.get(key) if key else None
         improved = value is not None and (self.state.best_metric is None or value > self.state.best_metric)
         if improved:
@@ -585,13 +554,8 @@ def init_weights(task: Task, model: nn.Module, path: str | Path, cfg: Config) ->
         raise InitError(str(err)) from err
     if cfg.model.init_queues == "fresh":
         state = {k: v for k, v in state.items() if k not in QUEUE_KEYS}
-    queues = [k for k in QUEUE_KEYS if k in model.state_dict() and k not in state]
-    custom = getattr(task, "init_weights", None)
     try:
-        if custom is not None:
-            report = custom(model, state, str(path))
-        else:
-            report = load_weights(model, state, str(path), new=queues)
+        report = task.init_weights(model, state, str(path))
     except CheckpointError as err:
         raise InitError(str(err)) from err
     report.print()
@@ -600,7 +564,7 @@ def init_weights(task: Task, model: nn.Module, path: str | Path, cfg: Config) ->
 
 def has_evaluation(task: Task, cfg: Config, split: str | None = None) -> bool:
     """Whether the task evaluates and the config names files for `split` (any split: None)."""
-    if getattr(task, "evaluate", None) is None:
+    if not task.evaluates():
         return False
     files = {"val": cfg.eval.val_files, "test": cfg.eval.test_files}
     return bool(files[split]) if split else any(files.values())
@@ -616,8 +580,7 @@ def run_evaluation(task: Task, model: nn.Module, cfg: Config, dist: DistInfo, sp
     finally:
         model.train(was_training)
     if dist.rank == 0:
-        fmt = getattr(task, "format_result", None)
-        print(f"{split}:\n{fmt(result) if fmt else json.dumps(result, indent=1)}", flush=True)
+        print(f"{split}:\n{task.format_result(result)}", flush=True)
     return result
 
 

@@ -20,7 +20,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 
-from albef.cli import USER_ERRORS, build_parser, evaluation_weights, run_task
+from albef.cli import USER_ERRORS, build_parser, evaluation_weights
 from albef.config import Config, ConfigError, check_paths, load_config
 from albef.data.captions import pre_caption
 from albef.data.datasets import AnnotationError, SampleError, read_image
@@ -51,8 +53,24 @@ from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_grad
 from albef.metrics import IOU_THRESHOLD, box_iou, chance_accuracy, grounding_accuracy, pick_box
 from albef.models import build_tokenizer
 from albef.tasks.pretrain import unwrap
-from albef.tasks.retrieval import RetrievalTask, eval_files
+from albef.tasks.base import register_task
+from albef.tasks.retrieval import RetrievalTask
+from albef.tasks.retrieval_eval import eval_files
 from albef.visualize import gradcam_figure, save_png
+
+
+@dataclass
+class GroundingConfig:
+    """Weakly supervised grounding (albef-grounding): Grad-CAM layer and box files."""
+    gradcam_mode: Literal["itm", "itc"] = "itm"  # ALBEF's --gradcam_mode: ITM via cross-attention | ITC via ViT
+    block_num: int = 8  # itm: BERT layer (absolute index, a fusion layer) whose cross-attention Grad-CAM
+    #                     reads; itc: the ViT block whose self-attention it reads
+    det_file: str = "data/refcoco+/dets.json"  # {image_id: [[x, y, w, h, ...], ...]} candidate boxes
+    coco_file: str | None = None  # optional second box file (ALBEF's cocos.json): adds {split}_gt accuracies
+    refs_file: str | None = None  # {ref_id: {image_id, bbox, split}} for eval entries that lack them
+    box_alpha: float = 0.5  # box score = map[box].sum() / area ** box_alpha
+    visualize_count: int = 16  # references drawn by --visualize
+
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -170,12 +188,25 @@ def draw_grounding(
 # ----------------------------------------------------------------------------- task
 
 
+@register_task("grounding", help="weakly supervised visual grounding (Grad-CAM)")
 class GroundingTask(RetrievalTask):
     """ALBEF's grounding model is its retrieval model: the retrieval fine-tuning step (ITC + ITM,
     every expression of an image a positive) on expression-image pairs, ALBEF's retrieval
     loading rule for `--init-from`; evaluation is Grad-CAM box picking, best.pt by `val_d`."""
 
     best_metric = "val_d"
+    description = "ALBEF weakly supervised grounding: fine-tuning and Grad-CAM evaluation (RefCOCO+)"
+    flags = {}  # retrieval's --save-examples does not apply
+    config_section, config_class = "grounding", GroundingConfig
+    config_ranges = {"block_num": "[0, inf)", "box_alpha": "[0, inf)", "visualize_count": "[1, inf)"}
+
+    @classmethod
+    def main(cls, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+        """`albef-grounding --config CFG [--init-from PATH] [--evaluate | --visualize [--image P --text T]] [...]`."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if "--visualize" in argv:
+            return visualize(argv)
+        return super().main(argv, prog)
 
     def check(self, cfg: Config, training: bool = True) -> None:
         """Before anything is built: no MLM term, and every grounding file is well-formed."""
@@ -311,12 +342,7 @@ def _reference_items(cfg: Config) -> list[tuple]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`albef-grounding --config CFG [--init-from PATH] [--evaluate | --visualize [--image P --text T]] [...]`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--visualize" in argv:
-        return visualize(argv)
-    return run_task(GroundingTask, argv, "albef-grounding", "ALBEF weakly supervised grounding: fine-tuning and "
-                    "Grad-CAM evaluation (RefCOCO+)")
+    return GroundingTask.main(argv, "albef-grounding")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from typing import Sequence
 import torch
 
 from albef.checkpoint import CheckpointError, LoadReport, load_weights
-from albef.cli import run_task
 from albef.models.classify import (MOMENTUM_NOTE, Classifier, double_fusion_layers, doubling_note, num_layers,
                                    with_momentum_copies)
+from albef.tasks.base import register_task
 from albef.tasks.ve import MOMENTUM, PRETRAIN_ONLY, VETask
 
 # TA-only keys (ALBEF NLVR.py leaves them unexpected).
@@ -56,6 +56,7 @@ def map_to_nlvr(state: dict[str, torch.Tensor], model_layers: int, fusion_layer:
     return state, notes
 
 
+@register_task("nlvr", help="NLVR2 fine-tuning and evaluation")
 class NLVRTask(VETask):
     """NLVR2 on the engine: a `Classifier` over two images, 2 classes (false, true)."""
 
@@ -64,6 +65,7 @@ class NLVRTask(VETask):
     num_classes = 2
     num_images = 2
     label_names = {0: False, 1: True}
+    description = "ALBEF NLVR2 fine-tuning and evaluation"
 
     def init_weights(self, model: Classifier, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         config = model.text_encoder.config
@@ -75,7 +77,7 @@ class NLVRTask(VETask):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_task(NLVRTask, argv, prog="albef-nlvr", description="ALBEF NLVR2 fine-tuning and evaluation")
+    return NLVRTask.main(argv, "albef-nlvr")
 
 
 if __name__ == "__main__":

@@ -25,18 +25,18 @@ import torch
 from torch import nn
 
 from albef.checkpoint import CheckpointError, LoadReport, load_weights
-from albef.cli import run_task
 from albef.config import Config, ConfigError
 from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo
 from albef.metrics import classification_accuracy
+from albef.engine.evaluation import inference_autocast
 from albef.models import build_tokenizer
 from albef.models.classify import (TextAssignment, build_text_assignment, double_fusion_layers, doubling_note,
                                    num_layers)
+from albef.tasks.base import register_task
 from albef.tasks.pretrain import PretrainTask
-from albef.tasks.retrieval import _autocast
 from albef.tasks.ve import FSDP_SHARED_KV, PRETRAIN_ONLY
 
 # Everything of a pretraining checkpoint TA does not use (ALBEF: unexpected keys).
@@ -44,11 +44,13 @@ TA_UNUSED = tuple(k for k in PRETRAIN_ONLY if k not in ("vision_proj", "text_pro
     "visual_encoder_m", "text_encoder_m", "cls_head", "cls_head_m")
 
 
+@register_task("nlvr-pretrain", help="NLVR2 text-assignment pretraining")
 class TextAssignmentTask(PretrainTask):
     """The caption data and loader of pretraining, the TA model and loss."""
 
     name = "nlvr_pretrain"
     best_metric = None  # ALBEF keeps every epoch's checkpoint and uses the last
+    description = "ALBEF NLVR2 text-assignment pretraining"
 
     def check(self, cfg: Config, training: bool = True) -> None:
         if cfg.train.strategy == "fsdp":
@@ -100,7 +102,7 @@ class TextAssignmentTask(PretrainTask):
         generator = torch.Generator(dist.device).manual_seed(cfg.seed)
         predictions: list[int] = []
         labels: list[int] = []
-        with _autocast(dist.device, cfg.train.precision):
+        with inference_autocast(dist.device, cfg.train.precision):
             for batch in loader:
                 if len(batch["index"]) < 3:
                     continue
@@ -115,8 +117,7 @@ class TextAssignmentTask(PretrainTask):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_task(TextAssignmentTask, argv, prog="albef-nlvr-pretrain",
-                    description="ALBEF NLVR2 text-assignment pretraining")
+    return TextAssignmentTask.main(argv, "albef-nlvr-pretrain")
 
 
 if __name__ == "__main__":

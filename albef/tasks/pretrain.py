@@ -16,6 +16,8 @@ from albef.data.masking import MLM_KEYS, MLMMasking
 from albef.data.transforms import train_transform
 from albef.dist import DistInfo
 from albef.models import build_model, build_tokenizer
+from albef.tasks.base import Task, register_task
+from albef.tasks.retrieval_eval import evaluate_retrieval, format_table
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -23,10 +25,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-class PretrainTask:
+@register_task("pretrain", help="ALBEF pretraining (ITC + ITM + MLM) from a YAML config")
+class PretrainTask(Task):
     """Supplies the engine with the ALBEF model, the caption data and the pretraining step."""
 
-    best_metric: str | None = None  # pretraining keeps no best.pt; val retrieval is logged
+    best_metric = None  # pretraining keeps no best.pt; val retrieval is logged
+    description = "ALBEF pretraining (ITC + ITM + MLM)."
 
     def __init__(self) -> None:
         self.loader: DataLoader | None = None  # built once: its workers persist across epochs
@@ -99,13 +103,9 @@ class PretrainTask:
 
     def evaluate(self, model: nn.Module, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
         """Zero-shot retrieval (ITC ranking, ITM re-ranking) on eval.val_files / eval.test_files."""
-        from albef.tasks.retrieval import evaluate_retrieval
-
         return evaluate_retrieval(unwrap(model), cfg, dist.device, split)
 
     def format_result(self, result: dict[str, float]) -> str:
-        from albef.tasks.retrieval import format_table
-
         return format_table(result)
 
     def find_unused_parameters(self, cfg: Config) -> bool:

@@ -24,16 +24,16 @@ from torch import nn
 from torch.utils.data import Subset
 
 from albef.checkpoint import LoadReport, load_weights
-from albef.cli import run_task
 from albef.config import Config, ConfigError, check_worker_decode
 from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.transforms import eval_transform, train_transform
 from albef.dist import DistInfo
 from albef.metrics import classification_accuracy
+from albef.engine.evaluation import inference_autocast
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
-from albef.tasks.retrieval import _autocast  # inference autocast, shared with retrieval
+from albef.tasks.base import Task, register_task
 
 # Keys of a pretraining (or retrieval) checkpoint that a classifier does not use.
 PRETRAIN_ONLY = (
@@ -50,7 +50,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-class VETask:
+@register_task("ve", help="SNLI-VE visual entailment fine-tuning and evaluation")
+class VETask(Task):
     """SNLI-VE on the engine: a `Classifier` over one image, 3 classes."""
 
     name = "ve"
@@ -58,6 +59,7 @@ class VETask:
     num_classes = len(VE_LABELS)
     num_images = 1
     best_metric = "acc"
+    description = "ALBEF SNLI-VE fine-tuning and evaluation"
     label_names = {v: k for k, v in VE_LABELS.items()}
 
     def __init__(self) -> None:
@@ -132,7 +134,7 @@ class VETask:
         loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg), cfg.eval.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         indices, predictions = [], []
-        with _autocast(dist.device, cfg.train.precision):
+        with inference_autocast(dist.device, cfg.train.precision):
             for batch in loader:
                 if len(batch["index"]) == 0:
                     continue
@@ -174,7 +176,7 @@ class VETask:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_task(VETask, argv, prog="albef-ve", description="ALBEF SNLI-VE fine-tuning and evaluation")
+    return VETask.main(argv, "albef-ve")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -29,7 +30,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from albef.checkpoint import LoadReport, load_weights
-from albef.cli import run_task
 from albef.config import Config, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, set_epoch
 from albef.data.transforms import eval_transform, train_transform
@@ -38,6 +38,19 @@ from albef.dist import DistInfo
 from albef.metrics import vqa_accuracy
 from albef.models import build_tokenizer
 from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
+from albef.tasks.base import Task, register_task
+
+
+@dataclass
+class VQAConfig:
+    """VQA fine-tuning (albef-vqa): answer list, ranking and answer weights (ALBEF VQA.yaml/VQA.py)."""
+    answer_list: str = "data/answer_list.json"  # JSON list of candidate answers ranked at evaluation
+    k_test: int = 128                  # answers kept by first-token probability, then re-ranked
+    count_first_token_twice: bool = True  # ALBEF's rank_answer; false: plain sequence likelihood
+    eos: str = "[SEP]"                 # appended to every answer
+    vg_weight: float = 0.5             # weight of a Visual Genome ("dataset": "vg") answer
+    vg_root: str = ""                  # image root of "vg" entries (empty: data.image_root)
+    eval_max_words: int = 50           # question words kept at evaluation (training: data.max_words)
 
 
 def majority_answer(files: Sequence[str]) -> str | None:
@@ -46,9 +59,13 @@ def majority_answer(files: Sequence[str]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-class VQATask:
+@register_task("vqa", help="VQA fine-tuning and evaluation (answer generation)")
+class VQATask(Task):
     name = "vqa"
     best_metric = "acc"
+    description = "ALBEF VQA fine-tuning and evaluation"
+    config_section, config_class = "vqa", VQAConfig
+    config_ranges = {"k_test": "[1, inf)", "vg_weight": "[0, inf)", "eval_max_words": "[1, inf)"}
 
     def __init__(self) -> None:
         self.loader: DataLoader | None = None
@@ -174,7 +191,7 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_task(VQATask, argv, prog="albef-vqa", description="ALBEF VQA fine-tuning and evaluation")
+    return VQATask.main(argv, "albef-vqa")
 
 
 if __name__ == "__main__":
