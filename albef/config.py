@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "check_paths", "check_data_files",
-           "check_model_config"]
+           "check_model_config", "parse_yaml", "read_json"]
 
 
 class ConfigError(ValueError):
@@ -396,18 +396,47 @@ def _read_yaml(path: str, included_by: str | None) -> dict[str, Any]:
     where = f"{included_by}: base" if included_by else path
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: config file not found: '{path}'")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
+    with open(path, encoding="utf-8") as f:
+        data = parse_yaml(f, path)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections (got {_show(data)})")
     return data
+
+
+def parse_yaml(text: Any, source: str) -> Any:
+    """`yaml.safe_load` of `text` (a string or open file) read from `source`: any YAML problem,
+    a Python tag (`!!python/object`, refused by safe_load, nothing runs) included, is one-line
+    ConfigError naming `source`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        kind = "unsupported YAML tag (only plain data is read)" if isinstance(e, yaml.constructor.ConstructorError) \
+            else "YAML syntax error"
+        raise ConfigError(f"{source}: {kind}{at}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not a UTF-8 text file ({e.reason})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The data of a JSON file a user may have downloaded: not found, unreadable, not UTF-8 or
+    not JSON is one-line ConfigError naming the file (JSON holds data only: nothing runs)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
 
 
 def _merge(dst: dict, src: dict, origins: _Origins, source: str, prefix: str = "") -> None:

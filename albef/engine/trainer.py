@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, best_checkpoint, checkpoint_dir, checkpoint_step,
                               is_dcp_checkpoint, load_checkpoint_file, load_pretrained, load_training_state, load_weights,
-                              read_model_state, resolve_resume, save_pretrained)
+                              confined, read_model_state, resolve_resume, save_pretrained)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.data.device_decode import DeviceDecodeError, EncodedImages
@@ -530,7 +530,7 @@ class Trainer:
         if not has_evaluation(self.task, self.cfg, "test"):
             return None
         if self.best_path.is_file():
-            load_pretrained(self.model, self.best_path)
+            load_pretrained(self.model, confined(self.best_path, self.output_dir))
         result = run_evaluation(self.task, self.model, self.cfg, self.dist, "test")
         if self.is_main:
             self.logger.results(self.state.step, "test", result)

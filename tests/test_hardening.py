@@ -1,0 +1,149 @@
+"""Hardening of the fine-tuning entry points (issue 17), one test per kind of leak, each through
+the command line or `albef.load` in a subprocess: the exit code, one `error:` line on stderr
+without a traceback, nothing written outside the run directory.
+
+Kinds: files read through a run directory stay inside it; no remote code from a model folder
+(never a prompt); bounded model-config sizes; our one-line refusal for YAML/JSON we read; typed
+REFER converter input; one exit code per kind of failure; data preflight before training.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "test_tiny.yaml"
+NUM_TEST = 4
+
+
+def snapshot(root: Path, skip: Path | None = None) -> set[str]:
+    """Every path under `root` (files and dirs), except those under `skip`."""
+    found = set()
+    for path in root.rglob("*"):
+        if skip is not None and (path == skip or skip in path.parents):
+            continue
+        found.add(str(path.relative_to(root)))
+    return found
+
+
+def run(args: list[str], cwd: Path, stdin: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python ARGS` in `cwd` with this checkout first on the path; stdin `None` means closed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, text=True, capture_output=True,
+                          input=stdin, stdin=subprocess.DEVNULL if stdin is None else None, timeout=timeout)
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    """Exit `code`, exactly one stderr line (`error: ...`) holding every needle, no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from albef.data.synthetic import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    generate_corpus(str(out), num_train=8, num_test=NUM_TEST, image_size=32, captions_per_image=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(corpus, tmp_path_factory) -> Path:
+    """best.pt of a tiny retrieval model (weights + config), as a run writes it."""
+    from albef.checkpoint import save_pretrained
+    from albef.config import load_config
+    from albef.tasks.retrieval import RetrievalTask
+
+    cfg = load_config(str(TINY), [f"model.text.bert={corpus / 'bert'}", "loss.weights.mlm=0",
+                                  "model.vision.pretrained=false", "model.text.pretrained=false"])
+    torch.manual_seed(0)
+    model = RetrievalTask().build_model(cfg)
+    return save_pretrained(model, tmp_path_factory.mktemp("weights") / "best.pt", cfg.to_dict())
+
+
+def retrieval_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["-m", "albef", "retrieval", "--config", str(TINY), "--output-dir", str(out),
+            f"model.text.bert={corpus / 'bert'}", f"data.train_files=[{corpus / 'train.json'}]",
+            f"data.image_root={corpus}", f"eval.test_files=[{corpus / 'test.json'}]", f"eval.image_root={corpus}",
+            "eval.val_files=[]", "loss.weights.mlm=0", "model.vision.pretrained=false",
+            "model.text.pretrained=false", *extra]
+
+
+LOAD = textwrap.dedent("""
+    import sys
+    import albef
+    from albef.checkpoint import CheckpointError
+    from albef.config import ConfigError
+    try:
+        albef.load(sys.argv[1])
+    except (CheckpointError, ConfigError) as err:
+        sys.stderr.write(f"error: {err}\\n")
+        sys.exit(2)
+""")
+
+
+# ----------------------------------------------------------------------------- 1. confinement
+
+
+@pytest.mark.parametrize("where", ["best.pt", "checkpoints/step_00000004.pt", "checkpoints"])
+def test_a_link_out_of_the_run_directory_is_refused(where, weights, corpus, tmp_path):
+    """A run directory whose best.pt, step file or checkpoints folder is a link to a place
+    outside: `albef.load(RUN)` and `--evaluate --init-from RUN` refuse it in one line."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "step_00000004.pt").write_bytes(weights.read_bytes())
+    run_dir = tmp_path / "downloaded_run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    link = run_dir / where
+    if where == "checkpoints":
+        (run_dir / "checkpoints").rmdir()
+        link.symlink_to(outside, target_is_directory=True)
+    else:
+        link.unlink(missing_ok=True)
+        link.symlink_to(outside / "step_00000004.pt")
+    before = snapshot(tmp_path)
+    proc = run(["-c", LOAD, str(run_dir)], cwd=tmp_path)
+    assert_one_line(proc, 2, "outside", str(run_dir))
+    out = tmp_path / "eval_run"
+    proc = run(retrieval_args(corpus, out, "--evaluate", "--init-from", str(run_dir)), cwd=tmp_path)
+    # --init-from RUN reads the run's newest checkpoint (not best.pt): a linked best.pt is not read
+    assert_one_line(proc, 2, *(["outside"] if where != "best.pt" else ["without step_"]))
+    assert snapshot(tmp_path, skip=out) == before
+
+
+def test_a_dcp_shard_linked_out_of_its_directory_is_refused(tmp_path):
+    from albef.checkpoint import CheckpointError, check_dcp_directory
+    from test_hostile_checkpoints import write_dcp
+
+    path = write_dcp(tmp_path / "run" / "checkpoints" / "step_00000009.dcp")
+    shard = next(p for p in path.iterdir() if p.suffix == ".distcp")
+    (tmp_path / "elsewhere.distcp").write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(tmp_path / "elsewhere.distcp")
+    with pytest.raises(CheckpointError, match="outside"):
+        check_dcp_directory(path)
+    proc = run(["-c", LOAD, str(tmp_path / "run")], cwd=tmp_path)
+    assert_one_line(proc, 2, "outside")
+
+
+def test_a_latest_pointer_linked_out_is_refused(weights, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000004.pt").write_bytes(weights.read_bytes())
+    (tmp_path / "pointer").write_text("step_00000004.pt\n")
+    (run_dir / "checkpoints" / "latest").symlink_to(tmp_path / "pointer")
+    proc = run(["-c", LOAD, str(run_dir)], cwd=tmp_path)
+    assert_one_line(proc, 2, "outside", "latest")
