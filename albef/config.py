@@ -307,11 +307,13 @@ def _build(cls: type, data: Any, key: str, origins: _Origins) -> Any:
 # Allowed ranges, "[" / "]" inclusive, "(" / ")" exclusive; null optionals are not checked and
 # lists are checked element-wise.
 _RANGES = {
-    "seed": "[0, inf)", "model.embed_dim": "[1, inf)", "model.temp": "[0.001, 0.5]",
-    "model.momentum": "[0, 1]", "model.queue_size": "[1, inf)",
-    "model.vision.image_size": "[1, inf)", "model.vision.embed_dim": "[1, inf)",
-    "model.vision.depth": "[1, inf)", "model.vision.num_heads": "[1, inf)",
-    "model.vision.patch_size": "[1, inf)", "model.vision.mlp_ratio": "(0, inf)",
+    # model sizes have a stated maximum (far above ViT-L / bert-large), checked before anything is
+    # allocated: a config stored in a downloaded checkpoint cannot ask for absurd tensors
+    "seed": "[0, inf)", "model.embed_dim": "[1, 16384]", "model.temp": "[0.001, 0.5]",
+    "model.momentum": "[0, 1]", "model.queue_size": "[1, 4194304]",
+    "model.vision.image_size": "[1, 8192]", "model.vision.embed_dim": "[1, 16384]",
+    "model.vision.depth": "[1, 128]", "model.vision.num_heads": "[1, 256]",
+    "model.vision.patch_size": "[1, 1024]", "model.vision.mlp_ratio": "(0, 64]",
     "model.vision.drop_path_rate": "[0, 1)", "model.text.fusion_layer": "[0, inf)",
     "loss.weights.itc": "[0, inf)", "loss.weights.itm": "[0, inf)", "loss.weights.mlm": "[0, inf)",
     "loss.alpha": "[0, 1]", "loss.mlm_probability": "(0, 1)",
@@ -329,6 +331,9 @@ _RANGES = {
     "vqa.k_test": "[1, inf)", "vqa.vg_weight": "[0, inf)", "vqa.eval_max_words": "[1, inf)",
     "grounding.block_num": "[0, inf)", "grounding.box_alpha": "[0, inf)", "grounding.visualize_count": "[1, inf)",
 }
+
+
+MAX_PATCHES = 16384  # image tokens of one image: (image_size / patch_size) ** 2 (ALBEF: 256)
 
 
 def _range_error(value: Any, interval: str) -> str | None:
@@ -352,6 +357,8 @@ def _relations(c: Config) -> list[tuple[str, bool, str]]:
         ("output_dir", bool(c.output_dir), "must not be empty"),
         ("model.vision.patch_size", not v.patch_size or v.image_size % v.patch_size == 0,
          f"must divide model.vision.image_size ({v.image_size})"),
+        ("model.vision.patch_size", not v.patch_size or (v.image_size // v.patch_size) ** 2 <= MAX_PATCHES,
+         f"must leave at most {MAX_PATCHES} patches of a model.vision.image_size ({v.image_size}) image"),
         ("model.vision.num_heads", not (v.embed_dim and v.num_heads)
          or v.embed_dim % v.num_heads == 0, f"must divide model.vision.embed_dim ({v.embed_dim})"),
         ("model.text.fusion_layer", not isinstance(layers, int) or t.fusion_layer <= layers,
@@ -595,6 +602,7 @@ def check_model_config(cfg: Config) -> None:
     readable BERT config, fusion_layer within its layers, a hidden size the heads divide."""
     import timm
 
+    from albef.models import checked_tokenizer
     from albef.models.bert import bert_config
 
     origins = getattr(cfg, "_origins", _Origins("<config>"))
@@ -605,6 +613,8 @@ def check_model_config(cfg: Config) -> None:
         raise origins.error("model.vision.arch", f"unknown timm model '{vision.arch}' ({hint})")
     try:
         bert = bert_config(text.bert, text.fusion_layer, 0, text.config_overrides)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as err:
         raise origins.error("model.text.bert", f"cannot read a BERT config from '{text.bert}' "
                             f"({' '.join(str(err).split())[:200]})") from None
@@ -617,3 +627,11 @@ def check_model_config(cfg: Config) -> None:
         raise origins.error(f"model.text.config_overrides.{key}",
                             f"hidden_size {bert.hidden_size} is not divisible by num_attention_heads "
                             f"{bert.num_attention_heads}")
+    try:
+        checked_tokenizer(cfg)  # its vocabulary against the config's vocab_size, before any model is built
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        key = "model.text.tokenizer" if text.tokenizer else "model.text.bert"
+        raise origins.error(key, f"cannot load a tokenizer from '{text.tokenizer or text.bert}' "
+                            f"({' '.join(str(err).split())[:200]})") from None

@@ -147,3 +147,96 @@ def test_a_latest_pointer_linked_out_is_refused(weights, tmp_path):
     (run_dir / "checkpoints" / "latest").symlink_to(tmp_path / "pointer")
     proc = run(["-c", LOAD, str(run_dir)], cwd=tmp_path)
     assert_one_line(proc, 2, "outside", "latest")
+
+
+# ----------------------------------------------------------------------------- 2. no remote code
+
+
+def remote_code_folder(corpus: Path, path: Path, marker: Path, where: str) -> Path:
+    """A copy of the corpus BERT folder whose config.json or tokenizer_config.json asks for the
+    folder's own Python code (`auto_map`); that code would create `marker`."""
+    path.mkdir()
+    for file in (corpus / "bert").iterdir():
+        (path / file.name).write_bytes(file.read_bytes())
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (path / "evil_tokenizer.py").write_text(code + "from transformers import BertTokenizer\n"
+                                            "class EvilTokenizer(BertTokenizer):\n    pass\n")
+    (path / "evil_config.py").write_text(code + "from transformers import BertConfig\n"
+                                         "class EvilConfig(BertConfig):\n    pass\n")
+    name = "config.json" if where == "config" else "tokenizer_config.json"
+    data = json.loads((path / name).read_text()) if (path / name).exists() else {}
+    data["auto_map"] = {"AutoConfig": "evil_config.EvilConfig",
+                        "AutoTokenizer": ["evil_tokenizer.EvilTokenizer", None]}
+    (path / name).write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("where", ["config", "tokenizer"])
+@pytest.mark.parametrize("stdin", ["y\n", None])
+def test_a_model_folder_asking_for_custom_code_is_refused_without_a_prompt(where, stdin, corpus, tmp_path):
+    marker = tmp_path / "remote_code_ran"
+    evil = remote_code_folder(corpus, tmp_path / "evil_bert", marker, where)
+    out = tmp_path / "run"
+    before = snapshot(tmp_path)
+    key = "model.text.bert" if where == "config" else "model.text.tokenizer"
+    proc = run(retrieval_args(corpus, out, f"{key}={evil}"), cwd=tmp_path, stdin=stdin)
+    assert_one_line(proc, 2, "custom code", "auto_map")
+    assert not marker.exists()
+    assert snapshot(tmp_path, skip=out) == before
+
+
+@pytest.mark.parametrize("stdin", ["y\n", None])
+def test_albef_load_refuses_a_stored_config_naming_a_remote_code_folder(stdin, weights, corpus, tmp_path):
+    marker = tmp_path / "remote_code_ran"
+    evil = remote_code_folder(corpus, tmp_path / "evil_bert", marker, "config")
+    checkpoint = torch.load(weights, weights_only=True)
+    checkpoint["config"]["model"]["text"]["bert"] = str(evil)
+    torch.save(checkpoint, tmp_path / "best.pt")
+    before = snapshot(tmp_path)
+    proc = run(["-c", LOAD, str(tmp_path / "best.pt")], cwd=tmp_path, stdin=stdin)
+    assert_one_line(proc, 2, "custom code")
+    assert not marker.exists()
+    assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- 3. bounded sizes
+
+
+@pytest.mark.parametrize("field,value", [("vocab_size", 10 ** 12), ("type_vocab_size", 100_000),
+                                         ("num_hidden_layers", -4), ("hidden_size", 10 ** 9)])
+def test_absurd_sizes_in_a_model_folder_config_are_one_line(field, value, corpus, tmp_path):
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    for file in (corpus / "bert").iterdir():
+        (bert / file.name).write_bytes(file.read_bytes())
+    data = json.loads((bert / "config.json").read_text())
+    data[field] = value
+    (bert / "config.json").write_text(json.dumps(data))
+    out = tmp_path / "run"
+    # test_tiny.yaml / demo.yaml override hidden_size: an override is bounded as the folder's value
+    extra = [f"model.text.config_overrides.{field}={value}"] if field in ("hidden_size", "num_hidden_layers") else []
+    proc = run(retrieval_args(corpus, out, f"model.text.bert={bert}", *extra), cwd=tmp_path)
+    assert_one_line(proc, 2, field, str(value))
+    assert not out.exists()
+
+
+def test_absurd_sizes_in_a_stored_config_are_one_line(weights, tmp_path):
+    checkpoint = torch.load(weights, weights_only=True)
+    checkpoint["config"]["model"]["vision"]["embed_dim"] = 10 ** 9
+    torch.save(checkpoint, tmp_path / "best.pt")
+    proc = run(["-c", LOAD, str(tmp_path / "best.pt")], cwd=tmp_path)
+    assert_one_line(proc, 2, "model.vision.embed_dim", "16384")
+
+
+def test_a_vocabulary_that_disagrees_with_the_config_is_one_line_before_training(corpus, tmp_path):
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    for file in (corpus / "bert").iterdir():
+        (bert / file.name).write_bytes(file.read_bytes())
+    vocab = (bert / "vocab.txt").read_text().splitlines()
+    (bert / "vocab.txt").write_text("\n".join(vocab[:-3]) + "\n")
+    (bert / "tokenizer.json").unlink()  # the fast tokenizer's own copy of the vocabulary
+    out = tmp_path / "run"
+    proc = run(retrieval_args(corpus, out, f"model.text.bert={bert}"), cwd=tmp_path)
+    assert_one_line(proc, 2, "vocab_size", "tokens")
+    assert not out.exists()
