@@ -240,3 +240,29 @@ def test_a_vocabulary_that_disagrees_with_the_config_is_one_line_before_training
     proc = run(retrieval_args(corpus, out, f"model.text.bert={bert}"), cwd=tmp_path)
     assert_one_line(proc, 2, "vocab_size", "tokens")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 6. one exit code per kind
+
+
+class _Touch:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("mode", [[], ["--evaluate"]])
+def test_a_refused_init_from_file_exits_2_in_training_and_evaluation(mode, corpus, tmp_path):
+    marker = tmp_path / "payload_ran"
+    torch.save({"model": _Touch(marker)}, tmp_path / "hostile.pth")
+    out = tmp_path / "run"
+    before = snapshot(tmp_path)
+    proc = run(retrieval_args(corpus, out, "--init-from", str(tmp_path / "hostile.pth"), *mode), cwd=tmp_path)
+    assert_one_line(proc, 2, "hostile.pth", "refused")
+    assert not marker.exists()
+    assert snapshot(tmp_path, skip=out) == before
+    # a path that does not exist: one line naming the option the user typed
+    proc = run(retrieval_args(corpus, out, "--init-from", str(tmp_path / "nothing.pt"), *mode), cwd=tmp_path)
+    assert_one_line(proc, 2, f"--init-from {tmp_path / 'nothing.pt'}")

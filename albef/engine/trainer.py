@@ -578,7 +578,10 @@ def init_weights(task: Task, model: nn.Module, path: str | Path, cfg: Config) ->
     """`--init-from`: read any accepted weight file, let the task map it onto its model (or load
     it as it is), print the report. `model.init_queues: fresh` leaves the feature queues at
     their initial state instead of taking the checkpoint's."""
-    state = read_model_state(path)
+    try:  # a file that cannot be read, is refused or does not fit: the same InitError (exit 2)
+        state = read_model_state(path)
+    except CheckpointError as err:
+        raise InitError(str(err)) from err
     if cfg.model.init_queues == "fresh":
         state = {k: v for k, v in state.items() if k not in QUEUE_KEYS}
     queues = [k for k in QUEUE_KEYS if k in model.state_dict() and k not in state]
