@@ -46,7 +46,8 @@ from albef.data.grounding import (
     load_refs,
 )
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed
+from albef.dist import (DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed,
+                        stoppable)
 from albef.engine.trainer import init_weights, seed_everything
 from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_gradcam, upsample_map
 from albef.models import build_tokenizer
@@ -162,7 +163,7 @@ def evaluate_grounding(model, tokenizer, cfg, files: Sequence[str], device) -> t
     was_training = model.training
     model.eval()
     records = []
-    for images, texts, indices, sizes in loader:
+    for images, texts, indices, sizes in stoppable(loader, len(loader)):
         input_ids, attention_mask = tokenize(tokenizer, texts, cfg.eval.max_tokens, device)
         cams = gradcam(model, images.to(device), input_ids, attention_mask, gcfg.block_num, gcfg.gradcam_mode).float()
         for cam, index, (width, height) in zip(cams, indices, sizes):

@@ -30,7 +30,7 @@ from albef.config import Config, ConfigError
 from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations
 from albef.data.transforms import eval_transform
-from albef.dist import DistInfo
+from albef.dist import DistInfo, stoppable
 from albef.models import build_tokenizer
 from albef.models.classify import (TextAssignment, build_text_assignment, double_fusion_layers, doubling_note,
                                    num_layers)
@@ -99,7 +99,7 @@ class TextAssignmentTask(PretrainTask):
         generator = torch.Generator(dist.device).manual_seed(cfg.seed)
         correct = total = 0
         with _autocast(dist.device, cfg.train.precision):
-            for batch in loader:
+            for batch in stoppable(loader, len(loader)):
                 if len(batch["index"]) < 3:
                     continue
                 out = model(batch["images"].to(dist.device), batch["input_ids"].to(dist.device),

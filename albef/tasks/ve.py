@@ -29,7 +29,7 @@ from albef.config import Config, ConfigError, check_worker_decode
 from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import DistInfo
+from albef.dist import DistInfo, stoppable
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
 from albef.tasks.retrieval import _autocast  # inference autocast, shared with retrieval
@@ -139,7 +139,7 @@ class VETask:
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         indices, predictions = [], []
         with _autocast(dist.device, cfg.train.precision):
-            for batch in loader:
+            for batch in stoppable(loader, len(loader)):
                 if len(batch["index"]) == 0:
                     continue
                 images = batch["images"].to(dist.device, non_blocking=True)

@@ -34,7 +34,7 @@ from albef.data.datasets import AnnotationError, build_eval_loader, build_train_
 from albef.data.transforms import eval_transform, train_transform
 from albef.data.vqa import (VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions,
                             vqa_accuracy)
-from albef.dist import DistInfo
+from albef.dist import DistInfo, stoppable
 from albef.models import build_tokenizer
 from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
 
@@ -154,7 +154,7 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
     loader = build_eval_loader(share, VQACollator(tokenizer, max_tokens), batch_size=cfg.eval.batch_size,
                                num_workers=cfg.eval.num_workers)
     results = []
-    for batch in loader:
+    for batch in stoppable(loader, len(loader)):
         if batch["skipped"]:
             raise AnnotationError(f"{', '.join(files)}: evaluation images could not be read "
                                   f"({batch['skipped']}); check eval.image_root and the 'image' paths")
