@@ -266,3 +266,58 @@ def test_a_refused_init_from_file_exits_2_in_training_and_evaluation(mode, corpu
     # a path that does not exist: one line naming the option the user typed
     proc = run(retrieval_args(corpus, out, "--init-from", str(tmp_path / "nothing.pt"), *mode), cwd=tmp_path)
     assert_one_line(proc, 2, f"--init-from {tmp_path / 'nothing.pt'}")
+
+
+# ----------------------------------------------------------------------------- 5. REFER converter
+
+
+_REF = {"ref_id": 7, "ann_id": 100, "image_id": 55, "split": "testA"}
+_ANN = {"id": 100, "bbox": [1, 2, 30, 40], "image_id": 55}
+
+
+@pytest.mark.parametrize("refs,annotations,needle", [
+    ([{**_REF, "ann_id": [100]}], [_ANN], "reference 0"),
+    ([{**_REF, "ref_id": "seven"}], [_ANN], "reference 0"),
+    ([{**_REF, "split": 3}], [_ANN], "reference 0"),
+    ([_REF], [{**_ANN, "id": [100]}], "annotation 0"),
+    ([_REF], [{**_ANN, "bbox": "1 2 30 40"}], "annotation 0"),
+    ([_REF], [{**_ANN, "bbox": [1, 2, "a", 4]}], "annotation 0"),
+    ([_REF], ["not an object"], "annotation 0"),
+])
+def test_refer_converter_checks_every_field_type_in_one_line(refs, annotations, needle, tmp_path):
+    import pickle
+
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (tmp_path / "instances.json").write_text(json.dumps({"annotations": annotations}))
+    before = snapshot(tmp_path)
+    proc = run(["-m", "albef.data.grounding", "--refs", str(tmp_path / "refs(unc).p"), "--instances",
+                str(tmp_path / "instances.json"), "--out", str(tmp_path / "refs.json")], cwd=tmp_path)
+    assert_one_line(proc, 2, needle)
+    assert snapshot(tmp_path) == before
+
+
+def test_refer_converter_input_that_is_not_json_is_one_line(tmp_path):
+    import pickle
+
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps([_REF], protocol=2))
+    (tmp_path / "instances.json").write_bytes(b"\xff\xfe{not json")
+    proc = run(["-m", "albef.data.grounding", "--refs", str(tmp_path / "refs(unc).p"), "--instances",
+                str(tmp_path / "instances.json"), "--out", str(tmp_path / "refs.json")], cwd=tmp_path)
+    assert_one_line(proc, 2, "instances.json")
+    assert not (tmp_path / "refs.json").exists()
+
+
+# ----------------------------------------------------------------------------- 4. YAML / JSON we read
+
+
+def test_a_python_tag_in_a_run_config_is_our_one_line_refusal(weights, tmp_path):
+    marker = tmp_path / "yaml_ran"
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = torch.load(weights, weights_only=True)
+    torch.save({"model": checkpoint["model"]}, run_dir / "checkpoints" / "step_00000004.pt")  # no stored config
+    (run_dir / "config.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    before = snapshot(tmp_path)
+    proc = run(["-c", LOAD, str(run_dir)], cwd=tmp_path)
+    assert_one_line(proc, 2, "config.yaml", "YAML tag")
+    assert not marker.exists() and snapshot(tmp_path) == before
