@@ -321,3 +321,78 @@ def test_a_python_tag_in_a_run_config_is_our_one_line_refusal(weights, tmp_path)
     proc = run(["-c", LOAD, str(run_dir)], cwd=tmp_path)
     assert_one_line(proc, 2, "config.yaml", "YAML tag")
     assert not marker.exists() and snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- 7. data preflight
+
+
+def _corrupt_copy(corpus: Path, tmp_path: Path, how: str) -> Path:
+    """test.json pointing one image at a missing / undecodable / FIFO file in an image root of copies."""
+    root = tmp_path / "images"
+    root.mkdir()
+    entries = json.loads((corpus / "test.json").read_text())
+    for entry in entries:
+        (root / Path(entry["image"]).name).write_bytes((corpus / entry["image"]).read_bytes())
+        entry["image"] = Path(entry["image"]).name
+    bad = root / entries[1]["image"]
+    bad.unlink()
+    if how == "undecodable":
+        bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    elif how == "fifo":
+        os.mkfifo(bad)
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    return root
+
+
+@pytest.mark.parametrize("how", ["missing", "undecodable", "fifo"])
+def test_a_bad_evaluation_image_is_one_line_before_training(how, corpus, tmp_path):
+    root = _corrupt_copy(corpus, tmp_path, how)
+    out = tmp_path / "run"
+    before = snapshot(tmp_path)
+    proc = run(retrieval_args(corpus, out, f"eval.test_files=[{tmp_path / 'test.json'}]", f"eval.image_root={root}"),
+               cwd=tmp_path, timeout=120)  # a FIFO that were opened would hang until the timeout
+    assert_one_line(proc, 2, "eval.test_files", "1 of")
+    assert not out.exists() and snapshot(tmp_path) == before
+
+
+def test_an_empty_evaluation_file_is_one_line_naming_it(corpus, tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    out = tmp_path / "run"
+    proc = run(retrieval_args(corpus, out, f"eval.test_files=[{tmp_path / 'empty.json'}]"), cwd=tmp_path)
+    assert_one_line(proc, 2, "empty.json", "no entries")
+    assert not out.exists()
+
+
+def test_a_fifo_training_image_is_skipped_and_counted_never_opened(tmp_path):
+    from albef.data.datasets import SampleError, read_image
+
+    os.mkfifo(tmp_path / "image.jpg")
+    with pytest.raises(SampleError) as err:
+        read_image(str(tmp_path / "image.jpg"))  # opening a FIFO for reading would block here
+    assert err.value.reason == "unreadable" and "not a regular file" in err.value.detail
+
+
+def test_grounding_boxes_and_detections_are_checked_before_training(tmp_path):
+    from albef.config import load_config
+    from albef.data.datasets import AnnotationError
+    from albef.data.synthetic import generate_grounding_set
+    from albef.tasks.grounding import GroundingTask
+
+    gset = generate_grounding_set(str(tmp_path / "g"), num_train=4, num_val=2, num_test=2, image_size=32)
+    cfg = load_config(str(TINY), [f"data.train_files=[{gset['train']}]", f"data.image_root={gset['image_root']}",
+                                  f"eval.val_files=[{gset['val']}]", f"eval.image_root={gset['image_root']}",
+                                  f"grounding.det_file={gset['dets']}", "loss.weights.mlm=0"])
+    GroundingTask().check(cfg)
+    refs = json.loads(Path(gset["val"]).read_text())
+    refs[0]["bbox"] = [20, 20, 40, 40]  # beyond a 32 px image
+    (tmp_path / "val.json").write_text(json.dumps(refs))
+    cfg.eval.val_files = [str(tmp_path / "val.json")]
+    with pytest.raises(AnnotationError, match=f"ref_id {refs[0]['ref_id']}"):
+        GroundingTask().check(cfg)
+    cfg.eval.val_files = [gset["val"]]
+    dets = json.loads(Path(gset["dets"]).read_text())
+    dets.pop(str(refs[0]["image_id"]))
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    cfg.grounding.det_file = str(tmp_path / "dets.json")
+    with pytest.raises(AnnotationError, match="no boxes for 1 evaluation image"):
+        GroundingTask().check(cfg)

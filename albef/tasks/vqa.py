@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from albef.checkpoint import LoadReport, load_weights
 from albef.cli import run_task
 from albef.config import Config, check_worker_decode
-from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, set_epoch
+from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.transforms import eval_transform, train_transform
 from albef.data.vqa import (VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions,
                             vqa_accuracy)
@@ -59,9 +59,11 @@ class VQATask:
         if training:
             check_worker_decode(cfg, "albef-vqa")
             load_questions(cfg.data.train_files, need_answers=True)
-        for files in (cfg.eval.val_files, cfg.eval.test_files):
-            if files:
-                load_questions(files, need_answers=False)
+        roots = {"vqa": cfg.eval.image_root, "vg": cfg.vqa.vg_root or cfg.eval.image_root}
+        for key in ("val_files", "test_files"):  # every image: an answer needs its image
+            preflight_files(getattr(cfg.eval, key), lambda f: load_questions(f, need_answers=False),
+                            lambda e: [os.path.join(roots[e.get("dataset", "vqa")], e["image"])], "",
+                            f"eval.{key}", 0.0)
         if cfg.eval.val_files or cfg.eval.test_files:
             load_answer_list(cfg.vqa.answer_list)
 
