@@ -396,3 +396,17 @@ def test_grounding_boxes_and_detections_are_checked_before_training(tmp_path):
     cfg.grounding.det_file = str(tmp_path / "dets.json")
     with pytest.raises(AnnotationError, match="no boxes for 1 evaluation image"):
         GroundingTask().check(cfg)
+
+
+def test_text_assignment_skips_a_step_whose_batch_shrank_below_3_images():
+    """The engine skips (and counts, as nonfinite_skip) a step whose loss is not finite; a text
+    assignment batch left with fewer than 3 readable images gives such a loss instead of raising."""
+    from albef.tasks.nlvr_pretrain import TextAssignmentTask
+
+    model = torch.nn.Linear(3, 2)
+    batch = {"images": torch.zeros(2, 3, 32, 32), "input_ids": torch.zeros(2, 4, dtype=torch.long),
+             "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    out = TextAssignmentTask().forward_step(model, batch, alpha=0.0)
+    assert not torch.isfinite(out["loss"]) and not torch.isfinite(out["loss_ta"])
+    out["loss"].backward()  # every rank can still take part in the (skipped) backward
+    assert model.weight.grad is not None
