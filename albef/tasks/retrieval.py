@@ -29,7 +29,7 @@ from albef.checkpoint import LoadReport, load_weights
 from albef.cli import run_task
 from albef.config import Config, ConfigError
 from albef.data.captions import pre_caption
-from albef.data.datasets import SampleError, load_annotations, preflight_files, read_image
+from albef.data.datasets import SampleError, load_annotations, read_image
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo, gather_rows, get_rank, get_world_size, stoppable
 from albef.engine.trainer import QUEUE_KEYS
@@ -53,10 +53,7 @@ class RetrievalTask(PretrainTask):
         if cfg.loss.weights.mlm:
             raise ConfigError("loss.weights.mlm: retrieval fine-tuning has no MLM term (ALBEF's retrieval model); "
                               "set loss.weights.mlm=0")
-        super().check(cfg, training)  # caption files, as pretraining's
-        for key in ("val_files", "test_files"):  # every image: the recall needs all of them
-            preflight_files(getattr(cfg.eval, key), load_annotations, lambda e: [e["image"]], cfg.eval.image_root,
-                            f"eval.{key}", 0.0)
+        super().check(cfg, training)  # caption files and evaluation images, as pretraining's
 
     def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         """ALBEF's rule (Retrieval.py): every key of a pretraining or retrieval checkpoint, the
