@@ -32,7 +32,7 @@ from transformers import BertConfig
 from transformers.activations import ACT2FN
 from transformers.utils import cached_file
 
-from albef.checkpoint import LoadReport, confined, load_checkpoint_file, load_weights
+from albef.checkpoint import LoadReport, load_checkpoint_file, load_weights
 from albef.config import ConfigError, read_json
 from albef.models.ops import Dropout, TiedGradient, take_rows
 
@@ -528,8 +528,6 @@ def read_bert_weights(name_or_dir: str | Path) -> dict[str, Tensor]:
     """The state dict in model.safetensors (preferred) or pytorch_model.bin of a dir or hub id."""
     for filename in ("model.safetensors", "pytorch_model.bin"):
         path = cached_file(str(name_or_dir), filename, _raise_exceptions_for_missing_entries=False)
-        if path is not None and Path(name_or_dir).is_dir():
-            path = str(confined(path, name_or_dir))  # a weight file linked out of the folder is not read
         if path is None:
             continue
         return load_checkpoint_file(path)
