@@ -49,7 +49,7 @@ __all__ = [
     "checkpoint_dir", "best_checkpoint", "run_weights", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
     "save_pretrained", "tmp_checkpoint_dir", "publish_checkpoint_dir", "is_dcp_checkpoint",
     "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state", "check_dcp_directory",
-    "load_dcp_state", "checkpoint_step", "read_model_state", "load_weights",
+    "load_dcp_state", "checkpoint_step", "read_model_state", "load_weights", "confined",
 ]
 
 LATEST = "latest"
@@ -316,9 +316,22 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def confined(path: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """`path`, after checking that it resolves (links followed) to a place inside `root`;
+    CheckpointError in one line otherwise. Everything read through a run directory (step files,
+    `latest`, best.pt, a .dcp directory's files, config.yaml) passes through here, so a link
+    planted in a downloaded run cannot make us read a file elsewhere."""
+    path, root = Path(path), Path(root)
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise CheckpointError(f"{path}: a link to {real}, outside {root}; refusing to read it (replace the "
+                              f"link by the file itself, or pass the file's own path)")
+    return path
+
+
 def _read_pointer(ckpt_dir: Path) -> Path | None:
     try:
-        name = (ckpt_dir / LATEST).read_text().strip()
+        name = confined(ckpt_dir / LATEST, ckpt_dir).read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return ckpt_dir / name if _STEP_RE.fullmatch(name) else None
@@ -356,7 +369,8 @@ def _is_complete(path: Path) -> bool:
     """True when `path` is an intact torch zip archive (central directory and CRCs check), or a
     .dcp directory with DCP's metadata and an intact trainer state."""
     if path.suffix == ".dcp":
-        return (path / _DCP_METADATA).is_file() and _is_complete(path / DCP_TRAINER_STATE)
+        metadata, trainer_state = confined(path / _DCP_METADATA, path), confined(path / DCP_TRAINER_STATE, path)
+        return metadata.is_file() and _is_complete(trainer_state)
     try:
         with zipfile.ZipFile(path) as zf:
             return zf.testzip() is None
@@ -379,7 +393,7 @@ def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
         candidates.remove(pointed)
         candidates.insert(0, pointed)
     for path in candidates:
-        if _is_complete(path):
+        if _is_complete(confined(path, ckpt_dir)):
             return path
         warnings.warn(f"skipping checkpoint {path}: truncated or corrupt; trying an older one",
                       stacklevel=2)
@@ -400,9 +414,9 @@ def run_weights(run_dir: str | os.PathLike) -> Path | None:
     """The weights a run directory stands for: its best.pt, else its newest intact checkpoint
     (in RUN/checkpoints or RUN itself), else None."""
     best = best_checkpoint(run_dir)
-    if best.is_file():
-        return best
-    return find_latest(checkpoint_dir(run_dir)) or find_latest(run_dir)
+    if best.is_file() or best.is_symlink():
+        return confined(best, run_dir)
+    return find_latest(confined(checkpoint_dir(run_dir), run_dir)) or find_latest(run_dir)
 
 
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
@@ -429,7 +443,7 @@ def _resolve_resume_path(resume: str | None, output_dir: str | os.PathLike) -> P
                                   f"or {DCP_TRAINER_STATE}); resume from an older one")
         return path
     if path.is_dir():
-        found = find_latest(path) or find_latest(checkpoint_dir(path))
+        found = find_latest(path) or find_latest(confined(checkpoint_dir(path), path))
         if found is None:
             raise CheckpointError(f"--resume {path}: no intact step_*.pt or step_*.dcp "
                                   "checkpoint in it")
@@ -497,13 +511,15 @@ def check_dcp_directory(path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a .dcp checkpoint directory")
+    for name in os.listdir(path):  # every file DCP may open: .metadata, shards, rank-local metadata
+        confined(path / name, path)
     metadata = _read_dcp_metadata(path / _DCP_METADATA)
     for index, info in metadata.storage_data.items():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise CheckpointError(f"{path / _DCP_METADATA}: names a shard outside the checkpoint "
                                   f"directory ({name!r}); refusing to read it")
-        shard = path / name
+        shard = confined(path / name, path)
         if not shard.is_file():
             raise CheckpointError(f"{shard}: missing; the .dcp checkpoint is incomplete, resume from "
                                   "an older one")
@@ -839,7 +855,7 @@ def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir():
         if not is_dcp_checkpoint(path):
-            found = find_latest(path) or find_latest(checkpoint_dir(path))
+            found = find_latest(path) or find_latest(confined(checkpoint_dir(path), path))
             if found is None:
                 raise CheckpointError(f"{path}: a directory without step_*.pt / step_*.dcp checkpoints; "
                                       "pass a checkpoint file or a run directory")

@@ -9,9 +9,11 @@ Overrides may stand anywhere on the line. `--init-from` starts training from wei
 `--evaluate` only evaluates (val and test): the weights of `--init-from`, else the run's
 best.pt, else its newest checkpoint.
 
-Exit codes: 0 done; 1 training stopped (non-finite losses, too much bad data, a checkpoint that
-cannot be written, a `--resume` checkpoint that cannot be read); 2 a user mistake (config, arguments, data files, a weight file that does not
-fit), reported in one line before anything trains; 75 preempted after saving a checkpoint.
+Exit codes (training and `--evaluate` alike): 0 done; 1 training stopped (non-finite losses, too
+much bad data, a checkpoint that cannot be written, a `--resume` checkpoint that cannot be read);
+2 a user mistake (config, arguments, data files, an `--init-from` weight file that is missing,
+refused or does not fit), reported in one line before anything trains; 75 preempted after saving
+a checkpoint.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ def parse(argv: Sequence[str] | None, prog: str, description: str,
         cfg.output_dir = args.output_dir
     if args.init_from:
         cfg.model.init_checkpoint = args.init_from
+        cfg._origins.mark("model.init_checkpoint", args.init_from, f"--init-from {args.init_from}")
     check_paths(cfg, training=not args.evaluate)
     check_model_config(cfg)  # sizes against timm and the BERT config
     return args, cfg

@@ -20,7 +20,7 @@ import yaml
 from albef.registry import sections as task_sections
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "check_paths", "check_data_files",
-           "check_model_config"]
+           "check_model_config", "parse_yaml", "read_json"]
 
 
 class ConfigError(ValueError):
@@ -317,11 +317,13 @@ def _build(cls: type, data: Any, key: str, origins: _Origins) -> Any:
 # Allowed ranges, "[" / "]" inclusive, "(" / ")" exclusive; null optionals are not checked and
 # lists are checked element-wise.
 _RANGES = {
-    "seed": "[0, inf)", "model.embed_dim": "[1, inf)", "model.temp": "[0.001, 0.5]",
-    "model.momentum": "[0, 1]", "model.queue_size": "[1, inf)",
-    "model.vision.image_size": "[1, inf)", "model.vision.embed_dim": "[1, inf)",
-    "model.vision.depth": "[1, inf)", "model.vision.num_heads": "[1, inf)",
-    "model.vision.patch_size": "[1, inf)", "model.vision.mlp_ratio": "(0, inf)",
+    # model sizes have a stated maximum (far above ViT-L / bert-large), checked before anything is
+    # allocated: a config stored in a downloaded checkpoint cannot ask for absurd tensors
+    "seed": "[0, inf)", "model.embed_dim": "[1, 16384]", "model.temp": "[0.001, 0.5]",
+    "model.momentum": "[0, 1]", "model.queue_size": "[1, 4194304]",
+    "model.vision.image_size": "[1, 8192]", "model.vision.embed_dim": "[1, 16384]",
+    "model.vision.depth": "[1, 128]", "model.vision.num_heads": "[1, 256]",
+    "model.vision.patch_size": "[1, 1024]", "model.vision.mlp_ratio": "(0, 64]",
     "model.vision.drop_path_rate": "[0, 1)", "model.text.fusion_layer": "[0, inf)",
     "loss.weights.itc": "[0, inf)", "loss.weights.itm": "[0, inf)", "loss.weights.mlm": "[0, inf)",
     "loss.alpha": "[0, 1]", "loss.mlm_probability": "(0, 1)",
@@ -346,6 +348,9 @@ def _ranges() -> dict[str, str]:
     return ranges
 
 
+MAX_PATCHES = 16384  # image tokens of one image: (image_size / patch_size) ** 2 (ALBEF: 256)
+
+
 def _range_error(value: Any, interval: str) -> str | None:
     """Requirement text when `value` (a number or list of numbers) is outside `interval`."""
     left, lo, hi, right = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", interval).groups()
@@ -367,6 +372,8 @@ def _relations(c: Config) -> list[tuple[str, bool, str]]:
         ("output_dir", bool(c.output_dir), "must not be empty"),
         ("model.vision.patch_size", not v.patch_size or v.image_size % v.patch_size == 0,
          f"must divide model.vision.image_size ({v.image_size})"),
+        ("model.vision.patch_size", not v.patch_size or (v.image_size // v.patch_size) ** 2 <= MAX_PATCHES,
+         f"must leave at most {MAX_PATCHES} patches of a model.vision.image_size ({v.image_size}) image"),
         ("model.vision.num_heads", not (v.embed_dim and v.num_heads)
          or v.embed_dim % v.num_heads == 0, f"must divide model.vision.embed_dim ({v.embed_dim})"),
         ("model.text.fusion_layer", not isinstance(layers, int) or t.fusion_layer <= layers,
@@ -411,18 +418,47 @@ def _read_yaml(path: str, included_by: str | None) -> dict[str, Any]:
     where = f"{included_by}: base" if included_by else path
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: config file not found: '{path}'")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
+    with open(path, encoding="utf-8") as f:
+        data = parse_yaml(f, path)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections (got {_show(data)})")
     return data
+
+
+def parse_yaml(text: Any, source: str) -> Any:
+    """`yaml.safe_load` of `text` (a string or open file) read from `source`: any YAML problem,
+    a Python tag (`!!python/object`, refused by safe_load, nothing runs) included, is one-line
+    ConfigError naming `source`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        kind = "unsupported YAML tag (only plain data is read)" if isinstance(e, yaml.constructor.ConstructorError) \
+            else "YAML syntax error"
+        raise ConfigError(f"{source}: {kind}{at}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not a UTF-8 text file ({e.reason})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The data of a JSON file a user may have downloaded: not found, unreadable, not UTF-8 or
+    not JSON is one-line ConfigError naming the file (JSON holds data only: nothing runs)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
 
 
 def _merge(dst: dict, src: dict, origins: _Origins, source: str, prefix: str = "") -> None:
@@ -581,6 +617,7 @@ def check_model_config(cfg: Config) -> None:
     readable BERT config, fusion_layer within its layers, a hidden size the heads divide."""
     import timm
 
+    from albef.models import checked_tokenizer
     from albef.models.bert import bert_config
 
     origins = getattr(cfg, "_origins", _Origins("<config>"))
@@ -591,6 +628,8 @@ def check_model_config(cfg: Config) -> None:
         raise origins.error("model.vision.arch", f"unknown timm model '{vision.arch}' ({hint})")
     try:
         bert = bert_config(text.bert, text.fusion_layer, 0, text.config_overrides)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as err:
         raise origins.error("model.text.bert", f"cannot read a BERT config from '{text.bert}' "
                             f"({' '.join(str(err).split())[:200]})") from None
@@ -603,3 +642,11 @@ def check_model_config(cfg: Config) -> None:
         raise origins.error(f"model.text.config_overrides.{key}",
                             f"hidden_size {bert.hidden_size} is not divisible by num_attention_heads "
                             f"{bert.num_attention_heads}")
+    try:
+        checked_tokenizer(cfg)  # its vocabulary against the config's vocab_size, before any model is built
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        key = "model.text.tokenizer" if text.tokenizer else "model.text.bert"
+        raise origins.error(key, f"cannot load a tokenizer from '{text.tokenizer or text.bert}' "
+                            f"({' '.join(str(err).split())[:200]})") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,58 @@ def max_across_ranks(value: int, device: torch.device) -> int:
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+# ----------------------------------------------------------------------------- stop during evaluation
+
+
+class StopRequested(Exception):
+    """A stop signal (SIGTERM/SIGUSR1) arrived during an evaluation: every rank abandons it at the
+    same batch boundary (`stoppable`), the trainer saves and exits 75."""
+
+
+_stop_requested: Callable[[], bool] | None = None  # set by the trainer while it runs
+
+
+def watch_stop(requested: Callable[[], bool] | None) -> None:
+    """Make `stoppable` loops check `requested()` between batches (None: never check)."""
+    global _stop_requested
+    _stop_requested = requested
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def stoppable(items: Iterable, count: int) -> Iterator:
+    """`items` (`count` of them on this rank), raising StopRequested before an item when a stop was
+    requested on any rank. With several ranks the check is collective (one all_reduce per item),
+    over the first min-over-ranks `count` items only, so ranks with more items never wait for one
+    that has finished: they agree on the same boundary. Outside a trainer, `items` unchanged."""
+    if _stop_requested is None:
+        yield from items
+        return
+    agreed = count
+    if is_distributed():
+        t = torch.tensor([count], device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        agreed = int(t.item())
+    iterator = iter(items)
+    for i in range(count + 1):
+        if i < agreed:
+            flag = bool(_stop_requested())
+            if is_distributed():
+                t = torch.tensor([int(flag)], device=_collective_device())
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                flag = bool(t.item())
+            if flag:
+                raise StopRequested
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item
+    yield from iterator  # more items than announced: no more checks
 
 
 @torch.no_grad()

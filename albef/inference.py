@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 from PIL import Image
 from torch import Tensor
 
-from albef.checkpoint import (CheckpointError, is_dcp_checkpoint, load_checkpoint_file, load_weights, map_albef_keys,
+from albef.checkpoint import (CheckpointError, confined, is_dcp_checkpoint, load_checkpoint_file, load_weights, map_albef_keys,
                               read_model_state, run_weights, unwrap_model_state)
-from albef.config import Config, load_config
+from albef.config import Config, ConfigError, load_config, parse_yaml
 from albef.data.captions import pre_caption
 from albef.data.transforms import eval_transform
 from albef.models import ALBEF, build_model, build_tokenizer
@@ -142,14 +141,19 @@ def _read(weights: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
         state = read_model_state(weights)
         with safe_open(str(weights), "pt") as f:
             stored = (f.metadata() or {}).get("config")
-        config = yaml.safe_load(stored) if stored else None
+        config = parse_yaml(stored, f"{weights} (stored config)") if stored else None
     else:
         checkpoint = load_checkpoint_file(weights)
         state = map_albef_keys(unwrap_model_state(checkpoint, weights))
         config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
     for run in (weights.parent, weights.parent.parent):
         if config is None and (run / "config.yaml").is_file():
-            config = yaml.safe_load((run / "config.yaml").read_text())
+            file = confined(run / "config.yaml", run)
+            with open(file, encoding="utf-8") as f:
+                config = parse_yaml(f, str(file))
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"{weights}: its stored config is not a mapping of sections (found a "
+                          f"{type(config).__name__})")
     return state, config
 
 

@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import random
 import signal
+import stat
 import tarfile
 import zlib
 from collections import Counter
@@ -122,6 +123,9 @@ def _decode(fp: Any, name: str, draft_size: DraftSize | None = None) -> Image.Im
 def read_file(path: str) -> bytes:
     """The bytes of an image file, or `SampleError` (missing / unreadable / empty)."""
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # never open a FIFO, device or socket: it may block
+            raise SampleError("unreadable", f"{path}: not a regular file (a FIFO, device or socket)")
         with open(path, "rb") as fp:
             data = fp.read()
     except FileNotFoundError as exn:
@@ -524,6 +528,59 @@ def shard_urls(shards: str | Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- accounting
+
+PREFLIGHT_BUDGET_S = 60.0  # seconds the image preflight of one split may take
+PREFLIGHT_SAMPLE = 2000  # images checked per split at most (a fixed-seed sample of larger sets)
+
+
+def preflight_images(paths: Sequence[str], source: str, max_fraction: float,
+                     budget_s: float = PREFLIGHT_BUDGET_S, sample: int = PREFLIGHT_SAMPLE) -> tuple[int, Counter]:
+    """Before training: read the distinct images `paths` as the loaders do (`read_image`: exists,
+    regular file, decodes; special files are counted unreadable, never opened). Sets larger than
+    `sample` are checked on a fixed-seed sample; checking stops after `budget_s` seconds. Raise
+    AnnotationError, one line naming `source`, the first bad image and the counts, when more than
+    `max_fraction` of those checked are unusable (`data.max_bad_fraction`'s rule); returns
+    (checked, counts per reason)."""
+    import time
+
+    distinct = sorted(set(paths))
+    if len(distinct) > sample:
+        distinct = sorted(random.Random(0).sample(distinct, sample))
+    counts: Counter = Counter()
+    first_bad, checked, start = "", 0, time.monotonic()
+    for path in distinct:
+        if checked and time.monotonic() - start > budget_s:
+            break
+        checked += 1
+        try:
+            read_image(path)
+        except SampleError as err:
+            counts[err.reason] += 1
+            first_bad = first_bad or err.detail
+    bad = sum(counts.values())
+    if checked and bad / checked > max_fraction:
+        detail = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()))
+        raise AnnotationError(f"{source}: {bad} of {checked} images checked are unusable ({detail}; first: {first_bad}), "
+                              f"above the allowed fraction {max_fraction:g}; fix the files or the image root")
+    return checked, counts
+
+
+def preflight_files(files: Sequence[str], load: Callable[[list[str]], list], images: Callable[[Any], Iterable[str]],
+                    image_root: str, what: str, max_fraction: float) -> list:
+    """Preflight of one split: each annotation file of `files` parses (`load([file])`) and is not
+    empty (one line naming it), then the images of its entries (`images(entry)`, relative to
+    `image_root`) pass `preflight_images` under `max_fraction`. Returns the entries."""
+    entries = []
+    for file in files:
+        loaded = load([file])
+        if not loaded:
+            raise AnnotationError(f"{file}: no entries; {what} must list at least one")
+        entries += loaded
+    if entries:
+        paths = [os.path.join(image_root, image) for entry in entries for image in images(entry)]
+        preflight_images(paths, f"{what} ({', '.join(files)})", max_fraction)
+    return entries
+
 
 def check_bad_fraction(counts: Mapping[str, int], seen: int, max_fraction: float) -> None:
     """Raise `BadDataError` when more than `max_fraction` of the `seen` samples were skipped."""

@@ -199,19 +199,32 @@ def refer_refs_file(refs_pickle: str, instances_json: str) -> dict[str, dict]:
     instances = _read_json(instances_json)
     if not isinstance(instances, dict) or not isinstance(instances.get("annotations"), list):
         raise AnnotationError(f"{instances_json}: expected REFER's instances.json with an 'annotations' list")
-    boxes = {ann["id"]: ann["bbox"] for ann in instances["annotations"]
-             if isinstance(ann, dict) and "id" in ann and "bbox" in ann}
+    boxes = {}
+    for i, ann in enumerate(instances["annotations"]):
+        where = f"{instances_json}: annotation {i}"
+        if not isinstance(ann, dict) or not _is_id(ann.get("id")) or "bbox" not in ann:
+            raise AnnotationError(f"{where}: expected an object with an integer 'id' and a 'bbox' "
+                                  f"(got {str(ann)[:60]})")
+        boxes[ann["id"]] = _check_box(ann["bbox"], f"{where} (id {ann['id']}): bbox")
     out = {}
     for i, ref in enumerate(read_refer_refs(refs_pickle)):
         missing = [k for k in ("ref_id", "ann_id", "image_id", "split") if k not in ref]
         if missing:
             raise AnnotationError(f"{refs_pickle}: reference {i} has no {', '.join(missing)}")
+        wrong = [f"{k} {str(ref[k])[:30]!r}" for k in ("ref_id", "ann_id", "image_id") if not _is_id(ref[k])]
+        wrong += [f"split {str(ref['split'])[:30]!r}"] if not isinstance(ref["split"], str) else []
+        if wrong:
+            raise AnnotationError(f"{refs_pickle}: reference {i}: ref_id, ann_id and image_id must be integers and "
+                                  f"split a string (got {', '.join(wrong)})")
         if ref["ann_id"] not in boxes:
             raise AnnotationError(f"{refs_pickle}: reference {ref['ref_id']} names annotation {ref['ann_id']}, "
                                   f"which {instances_json} does not have")
-        out[str(ref["ref_id"])] = {"image_id": ref["image_id"], "bbox": [float(v) for v in boxes[ref["ann_id"]]],
-                                   "split": ref["split"]}
+        out[str(ref["ref_id"])] = {"image_id": ref["image_id"], "bbox": boxes[ref["ann_id"]], "split": ref["split"]}
     return out
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,8 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AnnotationError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    with open(args.out, "w", encoding="utf-8") as fp:
-        json.dump(refs, fp)
+    try:
+        with open(args.out, "w", encoding="utf-8") as fp:
+            json.dump(refs, fp)
+    except OSError as e:
+        print(f"error: --out {args.out}: cannot write it ({e.strerror or e})", file=sys.stderr, flush=True)
+        return 2
     splits = Counter(ref["split"] for ref in refs.values())
     print(f"wrote {args.out}: {len(refs)} references ({', '.join(f'{k} {v}' for k, v in sorted(splits.items()))})")
     return 0

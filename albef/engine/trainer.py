@@ -28,11 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, best_checkpoint, checkpoint_dir, checkpoint_step,
                               is_dcp_checkpoint, load_checkpoint_file, load_pretrained, load_training_state,
-                              read_model_state, resolve_resume, save_pretrained)
+                              confined, read_model_state, resolve_resume, save_pretrained)
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.data.device_decode import DeviceDecodeError, EncodedImages
-from albef.dist import DistInfo
+from albef.dist import DistInfo, StopRequested, watch_stop
 from albef.engine.fsdp import (clip_sharded_grads, gradient_sync, load_dcp_checkpoint, load_full_checkpoint,
                                replicated_params, save_dcp_checkpoint, shard_model, sync_replicated_grads)
 from albef.engine.logging import MetricLogger
@@ -64,6 +64,7 @@ class TrainState:
     best_metric: float | None = None  # the task's best_metric on val so far (best.pt holds it)
     best_epoch: int | None = None
     evaluated_step: int | None = None  # step of the last val evaluation
+    pending_eval: int | None = None  # epoch whose val evaluation a stop signal interrupted (run on resume)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -281,8 +282,18 @@ class Trainer:
         cfg, accum = self.cfg.train, self.cfg.train.grad_accum
         samples_per_step = cfg.batch_size * self.dist.world_size * accum
         self.ddp_model.train()
+        watch_stop(lambda: self.preemption.requested)  # evaluations check it between batches
         try:
+            if self.state.pending_eval is not None:  # interrupted by a stop signal: evaluate again first
+                try:
+                    self.evaluate_and_keep_best(self.state.pending_eval)
+                except StopRequested:
+                    return self._preempted()
+                self.state.pending_eval = None
+                self.save()  # the same step, now recording its evaluation
             while self.state.epoch < cfg.epochs:
+                if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
+                    break  # resumed at the end (e.g. preempted during the last evaluation)
                 epoch = self.state.epoch
                 loader, batches_per_epoch = self.task.build_train_loader(
                     self.cfg, self.dist, epoch, self.state.consumed)
@@ -306,29 +317,42 @@ class Trainer:
                         self.state.epoch, self.state.consumed = epoch + 1, 0
                     finished = cfg.max_steps is not None and self.state.step >= cfg.max_steps
                     if (end_of_epoch or finished) and not preempted:
-                        self.evaluate_and_keep_best(epoch)  # before the checkpoint, which records it
+                        rng = rng_state()  # evaluation draws from it (DataLoader seeds)
+                        try:
+                            self.evaluate_and_keep_best(epoch)  # before the checkpoint, which records it
+                        except StopRequested:  # abandoned between batches: --resume runs it again,
+                            set_rng_state(rng)  # from the RNG state it started with, as here
+                            self.state.pending_eval, preempted = epoch, True
                     if preempted or finished or end_of_epoch or self.state.step % cfg.ckpt_every == 0:
                         self.save()
                     if end_of_epoch:
                         self._check_bad_samples(epoch)
                     if preempted:
-                        self.checkpoints.wait()  # the checkpoint is on disk before the process exits
-                        self.logger.event(self.state.step, "preempted", exit_code=PREEMPTED_EXIT_CODE)
-                        return PREEMPTED_EXIT_CODE
+                        return self._preempted()
                     if finished:
                         break
                 del batches
                 if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
                     break
             self.checkpoints.wait()
-            self.test_best()
+            try:
+                self.test_best()
+            except StopRequested:  # the last checkpoint is written: --resume evaluates test again
+                return self._preempted()
             return 0
         finally:
+            watch_stop(None)
             error = self.checkpoints.close()  # an error stopped the run with a write in flight
             if error is not None:
                 print(f"the last checkpoint was not written: {error}", file=sys.stderr, flush=True)
             self.preemption.restore()
             self.logger.close()
+
+    def _preempted(self) -> int:
+        """Exit after a stop signal: the checkpoint is on disk before the process exits."""
+        self.checkpoints.wait()
+        self.logger.event(self.state.step, "preempted", exit_code=PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
 
     def train_step(self, batches: Any, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> bool:
         """One optimizer step over train.grad_accum micro-batches; returns 'preemption requested'."""
@@ -499,7 +523,7 @@ class Trainer:
         if not has_evaluation(self.task, self.cfg, "test"):
             return None
         if self.best_path.is_file():
-            load_pretrained(self.model, self.best_path)
+            load_pretrained(self.model, confined(self.best_path, self.output_dir))
         result = run_evaluation(self.task, self.model, self.cfg, self.dist, "test")
         if self.is_main:
             self.logger.results(self.state.step, "test", result)
@@ -548,7 +572,7 @@ def init_weights(task: Task, model: nn.Module, path: str | Path, cfg: Config) ->
     it as it is), print the report. `model.init_queues: fresh` leaves the feature queues at
     their initial state instead of taking the checkpoint's. A file or folder that cannot be read
     (refused, damaged, not on the Hub) is a user mistake too: InitError."""
-    try:
+    try:  # a file that cannot be read, is refused or does not fit: the same InitError (exit 2)
         state = read_model_state(path)
     except CheckpointError as err:
         raise InitError(str(err)) from err

@@ -4,25 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoTokenizer
-
+from albef.config import ConfigError
 from albef.models.albef import ALBEF, LOSS_TERMS, TokenIds
-from albef.models.bert import TextEncoder
+from albef.models.bert import TextEncoder, bert_config, load_tokenizer
 from albef.models.vision import build_vision_encoder
 
-__all__ = ["ALBEF", "TextEncoder", "TokenIds", "build_model", "build_tokenizer", "build_vision_encoder", "compile_blocks"]
+__all__ = ["ALBEF", "TextEncoder", "TokenIds", "build_model", "build_tokenizer", "checked_tokenizer", "build_vision_encoder", "compile_blocks"]
 
 
 def build_tokenizer(cfg: Any):
-    """The tokenizer of `model.text.tokenizer`, or of `model.text.bert` when that is unset."""
-    return AutoTokenizer.from_pretrained(cfg.model.text.tokenizer or cfg.model.text.bert)
+    """The tokenizer of `model.text.tokenizer`, or of `model.text.bert` when that is unset (no
+    remote code: `load_tokenizer`)."""
+    return load_tokenizer(cfg.model.text.tokenizer or cfg.model.text.bert)
+
+
+def checked_tokenizer(cfg: Any):
+    """`build_tokenizer(cfg)`, after checking, before any model is built, that its vocabulary has
+    the size of the BERT config's `vocab_size`; one-line ConfigError otherwise."""
+    tcfg = cfg.model.text
+    tokenizer = build_tokenizer(cfg)
+    vocab_size = bert_config(tcfg.bert, tcfg.fusion_layer, 0, tcfg.config_overrides).vocab_size
+    if len(tokenizer) != vocab_size:
+        name = tcfg.tokenizer or tcfg.bert
+        raise ConfigError(f"model.text.tokenizer: tokenizer {str(name)!r} has {len(tokenizer)} tokens but BERT config "
+                          f"{str(tcfg.bert)!r} has vocab_size={vocab_size}; use a matching model.text.tokenizer "
+                          "(its vocab.txt) or config.json")
+    return tokenizer
 
 
 def build_model(cfg: Any) -> ALBEF:
     """ALBEF from `cfg.model` and `cfg.loss`: timm ViT + BERT text/fusion encoder + momentum copies."""
     mcfg, tcfg = cfg.model, cfg.model.text
-    tokenizer_name = tcfg.tokenizer or tcfg.bert
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = checked_tokenizer(cfg)
 
     visual_encoder = build_vision_encoder(mcfg.vision)
     text_encoder = TextEncoder.from_pretrained(
@@ -34,12 +47,6 @@ def build_model(cfg: Any) -> ALBEF:
         attention=tcfg.attention,
         mlm_head=cfg.loss.weights.mlm > 0,  # fine-tuning models (MLM weight 0) have no MLM head
     )
-    vocab_size = text_encoder.config.vocab_size
-    if len(tokenizer) != vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but BERT config {tcfg.bert!r} has "
-            f"vocab_size={vocab_size}; use a matching model.text.tokenizer or config"
-        )
     text_encoder.set_grad_checkpointing(tcfg.grad_checkpointing)
 
     model = ALBEF(

@@ -33,6 +33,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import cached_file
 
 from albef.checkpoint import LoadReport, load_checkpoint_file, load_weights
+from albef.config import ConfigError, read_json
 from albef.models.ops import Dropout, TiedGradient, take_rows
 
 logger = logging.getLogger(__name__)
@@ -453,18 +454,74 @@ class TextEncoder(nn.Module):
 _LEGACY_LAYERNORM = re.compile(r"LayerNorm\.(gamma|beta)$")
 
 
+# The largest value we build a BERT with, per config field (bert-large: 30522 / 1024 / 24 / 16 /
+# 4096 / 512 / 2): a downloaded config.json asking for more is refused before anything is allocated.
+BERT_SIZE_LIMITS = {
+    "vocab_size": 1_000_000, "hidden_size": 16_384, "num_hidden_layers": 128, "num_attention_heads": 256,
+    "intermediate_size": 65_536, "max_position_embeddings": 65_536, "type_vocab_size": 1_024,
+}
+# Files of a model folder that transformers reads, and whose `auto_map` would make it import the
+# folder's own Python code.
+_MODEL_FOLDER_JSON = ("config.json", "tokenizer_config.json")
+
+
+def check_model_folder(name_or_dir: str | Path) -> None:
+    """Refuse, in one line (ConfigError), a BERT / tokenizer folder (local or in the hub cache)
+    whose config.json or tokenizer_config.json is not a JSON object, or asks for custom code
+    (`auto_map`): nothing from a model folder runs, and transformers is never left to ask on
+    stdin. A folder that cannot be found is left to the loader that reports it."""
+    for filename in _MODEL_FOLDER_JSON:
+        try:
+            path = cached_file(str(name_or_dir), filename, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except (OSError, ValueError):
+            return
+        if path is None:
+            continue
+        data = read_json(path, filename)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object (found a {type(data).__name__})")
+        if "auto_map" in data:
+            raise ConfigError(
+                f"{path}: asks for custom code (auto_map: {', '.join(map(str, data['auto_map']))[:80]}); code from a "
+                "model folder is never run: use a plain BERT folder (config.json of model_type 'bert' and vocab.txt)")
+
+
+def check_bert_sizes(config: BertConfig, source: str) -> None:
+    """Every size of `config` a positive integer within BERT_SIZE_LIMITS, else one-line ConfigError."""
+    for key, limit in BERT_SIZE_LIMITS.items():
+        value = getattr(config, key, None)
+        if value is None and key == "intermediate_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ConfigError(f"{source}: {key} must be an integer in [1, {limit}] (got {value!r}); fix the model "
+                              f"folder's config.json or set model.text.config_overrides.{key}")
+
+
 def bert_config(
     name_or_dir: str | Path, fusion_layer: int, encoder_width: int, overrides: dict[str, Any] | None = None
 ) -> BertConfig:
-    """`BertConfig.from_pretrained` plus overrides, with ALBEF's `fusion_layer` and `encoder_width`."""
-    config = BertConfig.from_pretrained(str(name_or_dir))
+    """`BertConfig.from_pretrained` plus overrides, with ALBEF's `fusion_layer` and `encoder_width`;
+    the folder passes `check_model_folder` first and the sizes `check_bert_sizes` after."""
+    check_model_folder(name_or_dir)
+    config = BertConfig.from_pretrained(str(name_or_dir), trust_remote_code=False)
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise ValueError(f"BERT config override {key!r} is not a BertConfig attribute")
         setattr(config, key, value)
+    check_bert_sizes(config, f"BERT config {str(name_or_dir)!r}")
     config.fusion_layer = fusion_layer
     config.encoder_width = encoder_width
     return config
+
+
+def load_tokenizer(name_or_dir: str | Path) -> Any:
+    """`AutoTokenizer.from_pretrained` of a folder or hub id that passed `check_model_folder`,
+    never with remote code."""
+    from transformers import AutoTokenizer
+
+    check_model_folder(name_or_dir)
+    return AutoTokenizer.from_pretrained(str(name_or_dir), trust_remote_code=False)
 
 
 def read_bert_weights(name_or_dir: str | Path) -> dict[str, Tensor]:

@@ -208,30 +208,23 @@ def build_text_encoder(cfg, encoder_width: int, num_images: int = 1) -> TextEnco
     return encoder
 
 
-def _check_vocab(cfg, text_encoder: TextEncoder) -> None:
-    from albef.models import build_tokenizer
-
-    tokenizer = build_tokenizer(cfg)
-    if len(tokenizer) != text_encoder.config.vocab_size:
-        raise ValueError(
-            f"tokenizer {cfg.model.text.tokenizer or cfg.model.text.bert!r} has {len(tokenizer)} tokens but the "
-            f"BERT config has vocab_size={text_encoder.config.vocab_size}; use a matching model.text.tokenizer"
-        )
-
-
 def build_classifier(cfg, num_classes: int, num_images: int = 1) -> Classifier:
     """VE (3 classes, one image) or NLVR2 (2 classes, two images) model of `cfg.model`."""
+    from albef.models import checked_tokenizer
+
+    checked_tokenizer(cfg)
     visual_encoder = build_vision_encoder(cfg.model.vision)
     text_encoder = build_text_encoder(cfg, visual_encoder.embed_dim, num_images)
-    _check_vocab(cfg, text_encoder)
     return Classifier(visual_encoder, text_encoder, num_classes, num_images, cfg.model.distill, cfg.model.momentum)
 
 
 def build_text_assignment(cfg) -> TextAssignment:
     """NLVR2's TA pretraining model of `cfg.model` (embed_dim, temp; no momentum copies)."""
+    from albef.models import checked_tokenizer
+
+    checked_tokenizer(cfg)
     visual_encoder = build_vision_encoder(cfg.model.vision)
     text_encoder = build_text_encoder(cfg, visual_encoder.embed_dim, num_images=2)
-    _check_vocab(cfg, text_encoder)
     return TextAssignment(visual_encoder, text_encoder, cfg.model.embed_dim, cfg.model.temp)
 
 

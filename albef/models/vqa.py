@@ -220,22 +220,17 @@ def build_vqa_model(cfg: Any) -> VQAModel:
     """The VQA model of `cfg.model` (sizes, BERT, `distill`, `momentum`): timm ViT, question
     encoder without MLM head, answer decoder of `decoder_config`; both BERTs load `model.text.bert`
     weights when `model.text.pretrained` (ALBEF: bert-base-uncased, decoder = its first layers)."""
-    from albef.models import build_tokenizer
+    from albef.models import checked_tokenizer
     from albef.models.vision import build_vision_encoder
 
     mcfg, tcfg = cfg.model, cfg.model.text
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = checked_tokenizer(cfg)
     visual_encoder = build_vision_encoder(mcfg.vision)
     text_encoder = TextEncoder.from_pretrained(
         tcfg.bert, fusion_layer=tcfg.fusion_layer, encoder_width=visual_encoder.embed_dim,
         config_overrides=tcfg.config_overrides, load_weights=tcfg.pretrained, attention=tcfg.attention,
         mlm_head=False,  # ALBEF's VQA question encoder is a BertModel: no MLM head
     )
-    if len(tokenizer) != text_encoder.config.vocab_size:
-        raise ValueError(
-            f"tokenizer of {tcfg.tokenizer or tcfg.bert!r} has {len(tokenizer)} tokens but the BERT config has "
-            f"vocab_size={text_encoder.config.vocab_size}; use a matching model.text.tokenizer or config"
-        )
     dec_config = decoder_config(text_encoder.config)
     overrides = {**tcfg.config_overrides, "num_hidden_layers": dec_config.num_hidden_layers}
     text_decoder = AnswerDecoder.from_pretrained(

@@ -35,7 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 from albef.cli import USER_ERRORS, build_parser, evaluation_weights
 from albef.config import Config, ConfigError, check_paths, load_config
 from albef.data.captions import pre_caption
-from albef.data.datasets import AnnotationError, SampleError, read_image
+from albef.data.datasets import AnnotationError, SampleError, preflight_files, read_image
 from albef.data.grounding import (
     SPLITS,
     GroundingEvalDataset,
@@ -47,7 +47,8 @@ from albef.data.grounding import (
     load_refs,
 )
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed
+from albef.dist import (DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed,
+                        stoppable)
 from albef.engine.trainer import init_weights, seed_everything
 from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_gradcam, upsample_map
 from albef.metrics import IOU_THRESHOLD, box_iou, chance_accuracy, grounding_accuracy, pick_box
@@ -117,7 +118,7 @@ def evaluate_grounding(model, tokenizer, cfg, files: Sequence[str], device) -> t
     was_training = model.training
     model.eval()
     records = []
-    for images, texts, indices, sizes in loader:
+    for images, texts, indices, sizes in stoppable(loader, len(loader)):
         input_ids, attention_mask = tokenize(tokenizer, texts, cfg.eval.max_tokens, device)
         cams = gradcam(model, images.to(device), input_ids, attention_mask, gcfg.block_num, gcfg.gradcam_mode).float()
         for cam, index, (width, height) in zip(cams, indices, sizes):
@@ -188,6 +189,27 @@ def draw_grounding(
 # ----------------------------------------------------------------------------- task
 
 
+def check_reference_boxes(refs: list[dict], image_root: str) -> None:
+    """One line (AnnotationError) naming the references, by ref_id, whose box [x, y, w, h] has no
+    area or lies (by more than a pixel) outside its image: they could only be scored as misses."""
+    from PIL import Image
+
+    sizes: dict[str, tuple[int, int]] = {}
+    bad = []
+    for ref in refs:
+        path = os.path.join(image_root, ref["image"])
+        if path not in sizes:
+            with Image.open(path) as image:  # the preflight has decoded it: the header is enough
+                sizes[path] = image.size
+        (width, height), (x, y, w, h) = sizes[path], ref["bbox"]
+        if w <= 0 or h <= 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+            bad.append(str(ref["ref_id"]))
+    if bad:
+        raise AnnotationError(f"{len(bad)} evaluation reference(s) have a box without area or outside their image "
+                              f"(ref_id {', '.join(bad[:10])}{', ...' if len(bad) > 10 else ''}); fix their bbox "
+                              "in the eval files or grounding.refs_file, or remove them")
+
+
 @register_task("grounding", help="weakly supervised visual grounding (Grad-CAM)")
 class GroundingTask(RetrievalTask):
     """ALBEF's grounding model is its retrieval model: the retrieval fine-tuning step (ITC + ITM,
@@ -217,15 +239,19 @@ class GroundingTask(RetrievalTask):
             raise ConfigError("data.format: grounding reads its JSON expression files; set data.format=json")
         if training:
             grounding_train_annotations(cfg.data.train_files)
-        refs = [ref for files in (cfg.eval.val_files, cfg.eval.test_files) for ref in load_refs(files, cfg.grounding.refs_file)]
+        refs = []
+        for key in ("val_files", "test_files"):  # every image read as evaluation reads it: none may fail
+            refs += preflight_files(getattr(cfg.eval, key), lambda f: load_refs(f, cfg.grounding.refs_file),
+                                    lambda ref: [ref["image"]], cfg.eval.image_root, f"eval.{key}", 0.0)
         if refs:
-            for path in (cfg.grounding.det_file, cfg.grounding.coco_file):
-                if path:
-                    load_boxes(path)
-            for image in sorted({ref["image"] for ref in refs}):
-                if not os.path.isfile(os.path.join(cfg.eval.image_root, image)):
-                    raise AnnotationError(f"eval image {os.path.join(cfg.eval.image_root, image)} does not exist; "
-                                          "check eval.image_root and the eval files")
+            boxes = {path: load_boxes(path) for path in (cfg.grounding.det_file, cfg.grounding.coco_file) if path}
+            dets = boxes[cfg.grounding.det_file]
+            uncovered = sorted({str(ref["image_id"]) for ref in refs} - dets.keys())
+            if uncovered:
+                raise AnnotationError(f"{cfg.grounding.det_file}: no boxes for {len(uncovered)} evaluation image(s) "
+                                      f"(image_id {', '.join(uncovered[:5])}{', ...' if len(uncovered) > 5 else ''}); "
+                                      "grounding.det_file must cover every image of eval.val_files / eval.test_files")
+            check_reference_boxes(refs, cfg.eval.image_root)
 
     def build_model(self, cfg: Config) -> nn.Module:
         model = super().build_model(cfg)

@@ -27,11 +27,11 @@ from torch import nn
 from albef.checkpoint import CheckpointError, LoadReport, load_weights
 from albef.config import Config, ConfigError
 from albef.data.collate import Collator
-from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations
+from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations, preflight_files
 from albef.data.transforms import eval_transform
-from albef.dist import DistInfo
-from albef.metrics import classification_accuracy
+from albef.dist import DistInfo, stoppable
 from albef.engine.evaluation import inference_autocast
+from albef.metrics import classification_accuracy
 from albef.models import build_tokenizer
 from albef.models.classify import (TextAssignment, build_text_assignment, double_fusion_layers, doubling_note,
                                    num_layers)
@@ -58,14 +58,18 @@ class TextAssignmentTask(PretrainTask):
         if training and cfg.train.batch_size < 3:
             raise ConfigError(f"train.batch_size: text assignment draws two other images of the batch per "
                               f"caption, so it needs at least 3 (got {cfg.train.batch_size})")
-        for files in (cfg.eval.val_files, cfg.eval.test_files):
-            if files:
-                load_annotations(files)
+        for key in ("val_files", "test_files"):  # batches of unreadable images are skipped: data.max_bad_fraction
+            preflight_files(getattr(cfg.eval, key), load_annotations, lambda e: [e["image"]], cfg.eval.image_root,
+                            f"eval.{key}", cfg.data.max_bad_fraction)
 
     def build_model(self, cfg: Config) -> TextAssignment:
         return build_text_assignment(cfg)
 
     def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
+        if len(batch["images"]) < 3:  # unreadable images left too few to draw two others per caption:
+            # a non-finite loss on every parameter makes the engine skip and count this step, as any bad step
+            nan = sum(p.sum() for p in model.parameters() if p.requires_grad) * float("nan")
+            return {"loss": nan, "loss_ta": nan.detach(), "acc": torch.zeros((), device=nan.device)}
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
         return {k: out[k] for k in ("loss", "loss_ta", "acc")}
 
@@ -103,7 +107,7 @@ class TextAssignmentTask(PretrainTask):
         predictions: list[int] = []
         labels: list[int] = []
         with inference_autocast(dist.device, cfg.train.precision):
-            for batch in loader:
+            for batch in stoppable(loader, len(loader)):
                 if len(batch["index"]) < 3:
                     continue
                 out = model(batch["images"].to(dist.device), batch["input_ids"].to(dist.device),

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from albef.config import Config, check_data_files
 from albef.data.collate import Collator
-from albef.data.datasets import CaptionDataset, build_train_loader, set_epoch, webdataset_pipeline
+from albef.data.datasets import (CaptionDataset, build_train_loader, load_annotations, preflight_files, set_epoch,
+                                  webdataset_pipeline)
 from albef.data.masking import MLM_KEYS, MLMMasking
 from albef.data.transforms import train_transform
 from albef.dist import DistInfo
@@ -38,8 +39,13 @@ class PretrainTask(Task):
         self.masking: MLMMasking | None = None
 
     def check(self, cfg: Config, training: bool = True) -> None:
-        """Before anything is built: the caption annotation and shard files are well-formed."""
+        """Before anything is built: the caption annotation and shard files are well-formed, and
+        the evaluation files are not empty and every one of their images reads (the recall needs
+        all of them)."""
         check_data_files(cfg, training)
+        for key in ("val_files", "test_files"):
+            preflight_files(getattr(cfg.eval, key), load_annotations, lambda e: [e["image"]], cfg.eval.image_root,
+                            f"eval.{key}", 0.0)
 
     def build_model(self, cfg: Config) -> nn.Module:
         self.same_id_positives = cfg.loss.same_id_positives

@@ -50,7 +50,7 @@ class RetrievalTask(PretrainTask):
         if cfg.loss.weights.mlm:
             raise ConfigError("loss.weights.mlm: retrieval fine-tuning has no MLM term (ALBEF's retrieval model); "
                               "set loss.weights.mlm=0")
-        super().check(cfg, training)  # caption files, as pretraining's
+        super().check(cfg, training)  # caption files and evaluation images, as pretraining's
 
     def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         """ALBEF's rule (Retrieval.py): every key of a pretraining or retrieval checkpoint, the

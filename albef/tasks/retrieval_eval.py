@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from albef.data.retrieval import RetrievalDataset
 from albef.data.transforms import eval_transform
-from albef.dist import gather_rows, get_rank, get_world_size
+from albef.dist import gather_rows, get_rank, get_world_size, stoppable
 from albef.engine.evaluation import inference_autocast
 from albef.metrics import RECALL_AT, chance_recall, retrieval_recall
 from albef.models import build_tokenizer
@@ -51,7 +51,8 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, max_to
     """Unimodal text states [T, max_tokens, H] (fp32), normalised ITC features [T, D] and
     attention masks [T, max_tokens] of `texts` (an empty list gives empty tensors)."""
     embeds, feats, masks = [], [], []
-    for start in range(0, max(len(texts), 1), batch_size):
+    starts = range(0, max(len(texts), 1), batch_size)
+    for start in stoppable(starts, len(starts)):
         batch = list(texts[start : start + batch_size])
         tokens = tokenizer(batch or [""], padding="max_length", truncation=True, max_length=max_tokens,
                            return_tensors="pt").to(device)
@@ -68,7 +69,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, max_to
 def encode_images(model, loader: DataLoader, device, dtype: torch.dtype = torch.float32, bar=None):
     """Patch tokens (in `dtype`) and normalised ITC features (fp32) of the loader's images."""
     embeds, feats = [], []
-    for images in loader:
+    for images in stoppable(loader, len(loader)):
         embed, feat = model.image_tokens(images.to(device, non_blocking=True))
         embeds.append(embed.to(dtype))
         feats.append(feat.float())
@@ -142,7 +143,8 @@ def score_pairs(model, pairs: torch.Tensor, num_texts: int, image_embeds: torch.
     `image_embeds[i - first_image]`), in fusion batches of at most `batch_size` pairs; a batch
     holds the pairs of one or a few images, whose tokens enter it once."""
     scores = []
-    for start in range(0, len(pairs), batch_size):
+    starts = range(0, len(pairs), batch_size)
+    for start in stoppable(starts, len(starts)):
         codes = pairs[start : start + batch_size]
         images, texts = codes // num_texts - first_image, codes % num_texts
         distinct, image_index = images.unique(sorted=True, return_inverse=True)

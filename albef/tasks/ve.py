@@ -25,12 +25,12 @@ from torch.utils.data import Subset
 
 from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, ConfigError, check_worker_decode
-from albef.data.datasets import build_eval_loader, build_train_loader, set_epoch
+from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import DistInfo
-from albef.metrics import classification_accuracy
+from albef.dist import DistInfo, stoppable
 from albef.engine.evaluation import inference_autocast
+from albef.metrics import classification_accuracy
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
 from albef.tasks.base import Task, register_task
@@ -73,9 +73,13 @@ class VETask(Task):
         load = load_ve_annotations if self.kind == "ve" else load_nlvr_annotations
         if training:
             check_worker_decode(cfg, f"albef-{self.kind}")
-        for files in ((cfg.data.train_files,) if training else ()) + (cfg.eval.val_files, cfg.eval.test_files):
-            if files:
-                load(files)
+        if training:
+            for file in cfg.data.train_files:
+                if not load([file]):
+                    raise AnnotationError(f"{file}: no entries; data.train_files must each list at least one")
+        for key in ("val_files", "test_files"):  # an unreadable sample scores as wrong: data.max_bad_fraction
+            preflight_files(getattr(cfg.eval, key), load, lambda e: e["images"], cfg.eval.image_root,
+                            f"eval.{key}", cfg.data.max_bad_fraction)
         if self.num_images == 2 and cfg.train.strategy == "fsdp":
             raise ConfigError(FSDP_SHARED_KV)
         if training and cfg.data.format != "json":
@@ -135,7 +139,7 @@ class VETask(Task):
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         indices, predictions = [], []
         with inference_autocast(dist.device, cfg.train.precision):
-            for batch in loader:
+            for batch in stoppable(loader, len(loader)):
                 if len(batch["index"]) == 0:
                     continue
                 images = batch["images"].to(dist.device, non_blocking=True)

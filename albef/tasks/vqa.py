@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader, Subset
 
 from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, check_worker_decode
-from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, set_epoch
+from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.transforms import eval_transform, train_transform
 from albef.data.vqa import VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions
-from albef.dist import DistInfo
+from albef.dist import DistInfo, stoppable
 from albef.metrics import vqa_accuracy
 from albef.models import build_tokenizer
 from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
@@ -77,9 +77,11 @@ class VQATask(Task):
         if training:
             check_worker_decode(cfg, "albef-vqa")
             load_questions(cfg.data.train_files, need_answers=True)
-        for files in (cfg.eval.val_files, cfg.eval.test_files):
-            if files:
-                load_questions(files, need_answers=False)
+        roots = {"vqa": cfg.eval.image_root, "vg": cfg.vqa.vg_root or cfg.eval.image_root}
+        for key in ("val_files", "test_files"):  # every image: an answer needs its image
+            preflight_files(getattr(cfg.eval, key), lambda f: load_questions(f, need_answers=False),
+                            lambda e: [os.path.join(roots[e.get("dataset", "vqa")], e["image"])], "",
+                            f"eval.{key}", 0.0)
         if cfg.eval.val_files or cfg.eval.test_files:
             load_answer_list(cfg.vqa.answer_list)
 
@@ -172,7 +174,7 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
     loader = build_eval_loader(share, VQACollator(tokenizer, max_tokens), batch_size=cfg.eval.batch_size,
                                num_workers=cfg.eval.num_workers)
     results = []
-    for batch in loader:
+    for batch in stoppable(loader, len(loader)):
         if batch["skipped"]:
             raise AnnotationError(f"{', '.join(files)}: evaluation images could not be read "
                                   f"({batch['skipped']}); check eval.image_root and the 'image' paths")
