@@ -32,6 +32,7 @@ from albef.data.captions import pre_caption
 from albef.data.datasets import SampleError, load_annotations, read_image
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo, gather_rows, get_rank, get_world_size
+from albef.engine.logging import progress as show_progress
 from albef.engine.trainer import QUEUE_KEYS
 from albef.models import build_tokenizer
 from albef.tasks.pretrain import PretrainTask, unwrap
@@ -181,12 +182,9 @@ def _storage_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 
 def progress(total: int, desc: str, unit: str):
-    """A progress bar with ETA on rank 0's stderr (silent on other ranks and for empty work)."""
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
-                mininterval=0.5 if interactive else 30.0, disable=get_rank() != 0 or total == 0)
+    """Progress with ETA on rank 0's stderr (silent on other ranks and for empty work): a bar on
+    a terminal, plain lines every 30 s in a log file (albef.engine.logging.progress)."""
+    return show_progress(total, desc, unit, enabled=get_rank() == 0)
 
 
 def shard(num_rows: int) -> slice:
