@@ -22,6 +22,8 @@ from typing import Any, Callable, TextIO
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from albef.engine.results import numbers, results_record
+
 
 ETA_HORIZON_STEPS = 50
 
@@ -168,22 +170,23 @@ class MetricLogger:
         return line
 
     def results(self, step: int, split: str, result: dict[str, float]) -> Path | None:
-        """Evaluation metrics: TensorBoard `{split}/*`, a line in log.jsonl and
-        OUTPUT_DIR/results/{split}_step{step}.json (`{split}_latest.json` points at the newest)."""
+        """Evaluation metrics in the one results format (albef/engine/results.py): TensorBoard
+        `{split}/*`, a line in log.jsonl and OUTPUT_DIR/results/{split}_step{step}.json
+        (`{split}_latest.json` points at the newest), the same numbers in each."""
         if not self.enabled:
             return None
-        numbers = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for name, value in numbers.items():
+        values = numbers(result)
+        for name, value in values.items():
             self.writer.add_scalar(f"{split}/{name}", value, step)
         self.writer.flush()
-        self.jsonl.write(json.dumps({"step": step, "event": f"eval_{split}", **numbers}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "event": f"eval_{split}", **values}) + "\n")
         self.jsonl.flush()
         results_dir = self.output_dir / "results"
         results_dir.mkdir(parents=True, exist_ok=True)
         path = results_dir / f"{split}_step{step}.json"
         for target in (path, results_dir / f"{split}_latest.json"):
             tmp = target.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(result, indent=1, default=str))
+            tmp.write_text(json.dumps(results_record(result), indent=1, default=str))
             tmp.replace(target)
         return path
 

@@ -10,7 +10,6 @@ scalars], so flags reach every rank and the logged loss terms are means over all
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import sys
@@ -37,6 +36,7 @@ from albef.dist import DistInfo
 from albef.engine.fsdp import (clip_sharded_grads, gradient_sync, load_dcp_checkpoint, load_full_checkpoint,
                                replicated_params, save_dcp_checkpoint, shard_model, sync_replicated_grads)
 from albef.engine.logging import MetricLogger
+from albef.engine.results import format_results, format_value, unit_of
 from albef.engine.optim import build_optimizer
 from albef.engine.schedule import alpha_at, lr_at
 
@@ -81,7 +81,8 @@ class Task(Protocol):
     #       Default: the keys must match exactly (pos_embed resampled).
     #   def evaluate(self, model, cfg, dist, split) -> dict[str, float]
     #       Metrics on `split` ("val" or "test"), called on every rank with the unwrapped model.
-    #   def format_result(self, result) -> str -- a table for the terminal
+    #   def format_result(self, result) -> str -- the task's own table of its % metrics (two
+    #       decimals); without it albef.engine.results.format_results shows one row per metric
 
 
 @dataclass
@@ -522,7 +523,9 @@ class Trainer:
         if self.is_main:
             self.logger.results(self.state.step, "val", {**result, "epoch": epoch})
             if improved:
-                print(f"new best {key} {value:.4f} (epoch {epoch}): wrote {self.best_path}", flush=True)
+                unit = "%" if unit_of(key) == "%" else ""
+                print(f"new best {key} {format_value(key, value)}{unit} (epoch {epoch}): wrote {self.best_path}",
+                      flush=True)
         return result
 
     def test_best(self) -> dict[str, float] | None:
@@ -612,8 +615,7 @@ def run_evaluation(task: Task, model: nn.Module, cfg: Config, dist: DistInfo, sp
     finally:
         model.train(was_training)
     if dist.rank == 0:
-        fmt = getattr(task, "format_result", None)
-        print(f"{split}:\n{fmt(result) if fmt else json.dumps(result, indent=1)}", flush=True)
+        print(format_results(split, result, getattr(task, "format_result", None)), flush=True)
     return result
 
 

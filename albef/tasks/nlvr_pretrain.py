@@ -108,9 +108,6 @@ class TextAssignmentTask(PretrainTask):
                 total += len(out["labels"])
         return {"acc": 100.0 * correct / max(total, 1), "num_samples": total}
 
-    def format_result(self, result: dict[str, float]) -> str:
-        return f"text-assignment accuracy {result['acc']:.2f}% on {result['num_samples']} captions (chance 33.33%)"
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_task(TextAssignmentTask, argv, prog="albef-nlvr-pretrain",

@@ -423,7 +423,8 @@ def evaluate_retrieval(model, cfg, device: torch.device | str, split: str = "tes
 
 
 def format_table(result: Mapping[str, float]) -> str:
-    """R@1/5/10 table per direction: ITM re-ranked, ITC only and chance."""
+    """R@1/5/10 table (%) per direction: ITM re-ranked, ITM + ITC, ITC only and chance, and
+    r_mean (the counts and times follow in albef.engine.results.format_results' last line)."""
     header = f"{'':15s}{'':15s}" + "".join(f"{f'R@{k}':>8s}" for k in RECALL_AT)
     lines = [header]
     for direction, key in (("text -> image", "img"), ("image -> text", "txt")):
@@ -431,7 +432,7 @@ def format_table(result: Mapping[str, float]) -> str:
                               ("chance", "chance_")):
             row = "".join(f"{result[f'{prefix}{key}_r{k}']:8.2f}" for k in RECALL_AT)
             lines.append(f"{direction if not prefix else '':15s}{label:15s}{row}")
-    lines.append(f"{result['num_images']} images, {result['num_texts']} captions, r_mean {result['r_mean']:.2f}")
+    lines.append(f"{'r_mean (mean of the six ITM re-ranked recalls)':45s}{result['r_mean']:8.2f}")
     return "\n".join(lines)
 
 
