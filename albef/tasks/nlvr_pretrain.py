@@ -48,6 +48,7 @@ class TextAssignmentTask(PretrainTask):
 
     name = "nlvr_pretrain"
     best_metric = None  # ALBEF keeps every epoch's checkpoint and uses the last
+    format_result = None  # not the retrieval table: the generic rows (albef/engine/results.py)
 
     def check(self, cfg: Config, training: bool = True) -> None:
         if cfg.train.strategy == "fsdp":

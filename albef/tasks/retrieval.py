@@ -425,14 +425,18 @@ def evaluate_retrieval(model, cfg, device: torch.device | str, split: str = "tes
 def format_table(result: Mapping[str, float]) -> str:
     """R@1/5/10 table (%) per direction: ITM re-ranked, ITM + ITC, ITC only and chance, and
     r_mean (the counts and times follow in albef.engine.results.format_results' last line)."""
-    header = f"{'':15s}{'':15s}" + "".join(f"{f'R@{k}':>8s}" for k in RECALL_AT)
+    def cell(key: str) -> str:
+        return f"{result[key]:8.2f}" if key in result else f"{'':8s}"
+
+    header = f"{'':15s}{'':15s}" + "".join(f"{f'R@{k}':>8s}" for k in RECALL_AT) + f"{'mean':>8s}"
     lines = [header]
+    scores = (("ITM re-ranked", ""), ("ITM + ITC", "itm_itc_"), ("ITC only", "itc_"))
     for direction, key in (("text -> image", "img"), ("image -> text", "txt")):
-        for label, prefix in (("ITM re-ranked", ""), ("ITM + ITC", "itm_itc_"), ("ITC only", "itc_"),
-                              ("chance", "chance_")):
-            row = "".join(f"{result[f'{prefix}{key}_r{k}']:8.2f}" for k in RECALL_AT)
+        for label, prefix in scores + (("chance", "chance_"),):
+            row = "".join(cell(f"{prefix}{key}_r{k}") for k in RECALL_AT) + cell(f"{prefix}{key}_r_mean")
             lines.append(f"{direction if not prefix else '':15s}{label:15s}{row}")
-    lines.append(f"{'r_mean (mean of the six ITM re-ranked recalls)':45s}{result['r_mean']:8.2f}")
+    for label, prefix in scores:  # r_mean: the mean of both directions' six recalls
+        lines.append(f"{'r_mean' if not prefix else '':15s}{label:15s}{'':24s}{cell(f'{prefix}r_mean')}")
     return "\n".join(lines)
 
 
