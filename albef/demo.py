@@ -48,6 +48,14 @@ def recall_ratio(result: dict[str, float]) -> float:
     return r1 / chance
 
 
+def _shown(path: Path) -> Path:
+    """`path` relative to the current directory when it lies below it (shorter lines)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def run(cmd: list[str]) -> int:
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode
@@ -91,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the table is the `test:` table pretraining printed above (also in {results}): not repeated
     ratio = recall_ratio(result)
     verdict = "ok" if ratio >= args.min_ratio else "FAILED"
-    print(f"retrieval on {corpus / 'test.json'} with the final weights of {run_dir} (results: {results}): "
-          f"mean R@1 is {ratio:.1f}x chance (required {args.min_ratio:g}x): {verdict}")
+    print(f"results: {_shown(results)} (retrieval on {_shown(corpus / 'test.json')}, final weights of "
+          f"{_shown(run_dir)})")
+    print(f"mean R@1 is {ratio:.1f}x chance (required {args.min_ratio:g}x): {verdict}")
     return 0 if ratio >= args.min_ratio else 1
 
 

@@ -437,7 +437,7 @@ def format_table(result: Mapping[str, float]) -> str:
             lines.append(f"{direction if not prefix else '':15s}{label:15s}{row}")
     for label, prefix in scores:  # r_mean: the mean of both directions' six recalls
         lines.append(f"{'r_mean' if not prefix else '':15s}{label:15s}{'':24s}{cell(f'{prefix}r_mean')}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
