@@ -47,7 +47,8 @@ def build_parser(prog: str, description: str, flags: TaskFlags | None = None) ->
     parser.add_argument("--resume", help="'auto' (newest checkpoint in output_dir, if any) or a checkpoint path")
     parser.add_argument("--init-from", help="start from these weights (sets model.init_checkpoint): our .pt/.dcp "
                         "checkpoint or run directory, or a released ALBEF .pth")
-    parser.add_argument("--evaluate", action="store_true", help="evaluate on val/test only, no training")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate on val/test only, no training; "
+                        "writes to OUTPUT_DIR/eval/ unless --output-dir is given")
     for flag, (key, help) in (flags or {}).items():
         parser.add_argument(flag, dest=key, metavar="N", help=f"{help} (sets {key})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

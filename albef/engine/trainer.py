@@ -36,8 +36,8 @@ from albef.dist import DistInfo
 from albef.engine.fsdp import (clip_sharded_grads, gradient_sync, load_dcp_checkpoint, load_full_checkpoint,
                                replicated_params, save_dcp_checkpoint, shard_model, sync_replicated_grads)
 from albef.engine.logging import MetricLogger
-from albef.engine.results import format_results, format_value, unit_of
 from albef.engine.optim import build_optimizer
+from albef.engine.results import format_results, format_value, unit_of
 from albef.engine.schedule import alpha_at, lr_at
 
 PREEMPTED_EXIT_CODE = 75  # exit status after SIGTERM/SIGUSR1: a checkpoint was saved, requeue me
