@@ -20,6 +20,7 @@ setup(
         "PyYAML",
         "numpy",
     ],
+    extras_require={"test": ["pytest"]},
     entry_points={
         "console_scripts": [
             "albef=albef.command:main",

@@ -612,6 +612,17 @@ class LoadReport:
     new: list[str] = field(default_factory=list)            # model keys declared new: fresh init kept
     notes: list[str] = field(default_factory=list)
 
+    # The groups `details` lists key by key (`loaded` is a count there, resampled keys included).
+    GROUPS = ("resampled", "new", "reinitialised", "skipped", "missing", "unexpected")
+
+    def duplicates(self) -> list[str]:
+        """Keys listed in more than one group (the one vocabulary: each key in exactly one)."""
+        seen: dict[str, int] = {}
+        for group in self.GROUPS:
+            for key in set(getattr(self, group)):
+                seen[key] = seen.get(key, 0) + 1
+        return sorted(k for k, n in seen.items() if n > 1)
+
     def __str__(self) -> str:
         counts = ", ".join(f"{len(getattr(self, n))} {n}" for n in (
             "loaded", "resampled", "reinitialised", "new", "missing", "unexpected", "skipped"))
@@ -709,9 +720,10 @@ def _match_queues(state: dict, target: dict, report: LoadReport) -> None:
                 report.reinitialised.append(key)
         report.notes.append(f"queue size differs (checkpoint {q_old}, model {q_new}): "
                             "queues re-initialised")
-    elif "idx_queue" in target and "idx_queue" not in state and "image_queue" in state:
+    elif ("idx_queue" in target and "idx_queue" not in state and "image_queue" in state
+          and "idx_queue" not in report.skipped and "idx_queue" not in report.new):  # else reported there
         report.missing.append("idx_queue")
-        report.notes.append("idx_queue not in checkpoint (ALBEF pretraining): initialised empty")
+        report.notes.append("the file has no image-id queue (ALBEF pretraining): initialised empty")
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int] | list[int],
@@ -737,8 +749,9 @@ def _match_pos_embed(state: dict, target: dict, report: LoadReport) -> None:
         new = _grid(want.shape[1] - 1, key, report.source)
         state[key] = resample_pos_embed(have, new)
         report.resampled.append(key)
-        report.notes.append(f"{key}: resampled from a {old[0]}x{old[1]} to a "
-                            f"{new[0]}x{new[1]} patch grid")
+        note = f"position embeddings resampled from a {old[0]}x{old[1]} to a {new[0]}x{new[1]} patch grid"
+        if note not in report.notes:  # the keys are listed once, under "resampled"
+            report.notes.append(note)
 
 
 def load_training_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -7,7 +7,7 @@ Overrides may stand anywhere on the line. `--init-from` starts training from wei
 `.pt` or `.dcp`, or a released ALBEF file), mapped onto the task's model by the task's rule;
 `--resume` continues this run's own checkpoint and takes precedence when one exists.
 `--evaluate` only evaluates (val and test): the weights of `--init-from`, else the run's
-best.pt, else its newest checkpoint.
+best.pt, else its newest checkpoint; it writes to OUTPUT_DIR/eval/ unless --output-dir is given.
 
 Exit codes (training and `--evaluate` alike): 0 done; 1 training stopped (non-finite losses, too
 much bad data, a checkpoint that cannot be written, a `--resume` checkpoint that cannot be read);
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from albef.checkpoint import CheckpointError, resolve_resume, run_weights
@@ -52,7 +53,8 @@ def build_parser(prog: str, description: str, flags: TaskFlags | None = None,
     parser.add_argument("--resume", help="'auto' (newest checkpoint in output_dir, if any) or a checkpoint path")
     parser.add_argument("--init-from", help="start from these weights (sets model.init_checkpoint): our .pt/.dcp "
                         "checkpoint or run directory, a released ALBEF .pth, an `albef export` folder or hf-hub:org/name")
-    parser.add_argument("--evaluate", action="store_true", help="evaluate on val/test only, no training")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate on val/test only, no training; "
+                        "writes to OUTPUT_DIR/eval/ unless --output-dir is given")
     for flag, (key, help) in (flags or {}).items():
         parser.add_argument(flag, dest=key, metavar="N", help=f"{help} (sets {key})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -84,6 +86,12 @@ def evaluation_weights(cfg: Config) -> str | None:
     return str(weights) if weights else None
 
 
+def evaluation_output_dir(output_dir: str) -> str:
+    """Where `--evaluate` writes when no --output-dir is given: OUTPUT_DIR/eval, so zero-shot
+    evaluations never mix their results and log lines with a training run of the same config."""
+    return str(Path(output_dir) / "eval")
+
+
 def _fail(err: BaseException, code: int) -> int:
     # One write call: the lines of several ranks sharing a pipe must not interleave mid-line.
     sys.stderr.write(f"error: {err}\n")
@@ -107,8 +115,11 @@ def run_task(make_task: Callable[[], Any], argv: Sequence[str] | None, prog: str
     dist_info = init_distributed()
     try:
         if args.evaluate:
+            weights = evaluation_weights(cfg)  # the run's own weights are found in output_dir
+            if not args.output_dir:  # the default folder is the training run's: keep them apart
+                cfg.output_dir = evaluation_output_dir(cfg.output_dir)
             try:
-                evaluate_only(cfg, task, dist_info, evaluation_weights(cfg))
+                evaluate_only(cfg, task, dist_info, weights)
             except USER_ERRORS as err:
                 return _fail(err, 2)
             return 0

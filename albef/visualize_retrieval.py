@@ -73,7 +73,8 @@ def _top(itm: torch.Tensor, sims: torch.Tensor) -> tuple[list[int], list[str]]:
     (scored -100) by ITC similarity; and their score labels."""
     reranked = itm > -100
     order = torch.where(reranked, itm + 1e6, sims).argsort(descending=True)[:TOP].tolist()
-    labels = [f"itm {itm[c]:.2f}" if reranked[c] else f"itc {sims[c]:.2f}" for c in order]
+    # ALBEF re-ranks by the ITM head's 'match' logit (not a probability: it can be negative)
+    labels = [f"itm logit {itm[c]:.2f}" if reranked[c] else f"itc sim {sims[c]:.2f}" for c in order]
     return order, labels
 
 

@@ -258,7 +258,7 @@ def test_train_evaluate_and_visualize_on_the_demo_grounding_set(gset, tmp_path, 
         mine = [p for p in picks if p["split"] == split]
         hits = sum(_brute_iou([int(v) for v in refs[p["ref_id"]]["bbox"]], [int(v) for v in p["box_d"]]) >= 0.5
                    for p in mine)
-        assert test[f"{split}_d"] == hits / len(mine)
+        assert test[f"{split}_d"] == pytest.approx(100.0 * hits / len(mine))  # in %
         assert all(p["box_d"] in dets[refs[p["ref_id"]]["image_id"]] for p in mine)
 
     # --evaluate of best.pt reproduces the test accuracy

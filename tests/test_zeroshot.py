@@ -101,7 +101,6 @@ class ToyConfig:
     label: str = "toy"
 
 
-@register_task("toy-eval", help="a toy task registered by a test file")
 class ToyEvalTask(Task):
     """Counts the evaluation images of a caption file (no training)."""
 
@@ -118,10 +117,13 @@ class ToyEvalTask(Task):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _forget_toy_task():
-    yield
+def _toy_task():
+    """Registered while this file's tests run, not at collection: the other test files (collected
+    in the same process) must see the built-in tasks only, or their saved configs gain `toy:`."""
     from albef.registry import unregister_task
-    unregister_task("toy-eval")  # later test files see the built-in tasks only
+    register_task("toy-eval", help="a toy task registered by a test file")(ToyEvalTask)
+    yield
+    unregister_task("toy-eval")
 
 
 @pytest.mark.slow

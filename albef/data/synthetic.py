@@ -448,12 +448,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the VE / NLVR2 sets (num-train, num-test each, val = test size) instead")
     parser.add_argument("--vqa", action="store_true",
                         help="write the VQA set of --num-train/--num-test new scenes instead (generate_vqa_set)")
+    parser.add_argument("--grounding", action="store_true",
+                        help="write the RefCOCO+-style grounding set instead (generate_grounding_set: "
+                             "default 1000 training, 100 val and 100 test expressions)")
     args = parser.parse_args(argv)
+    if args.grounding:
+        kind = "grounding set"
+        paths = generate_grounding_set(args.out, **{k: v for k, v in (
+            ("num_train", args.num_train), ("num_val", args.num_test), ("num_test", args.num_test)) if v is not None},
+            image_size=args.image_size, seed=args.seed)
+        _report(kind, args.out, paths)
+        return
     # NLVR2 needs more than the other demos: from 2,000 examples the demo checkpoint overfits at chance
     if args.num_train is None:
         args.num_train = 10_000 if args.reasoning else 2000
     if args.num_test is None:
         args.num_test = 400 if args.reasoning else 200
+    kind = "VE / NLVR2 sets" if args.reasoning else "VQA set" if args.vqa else "demo corpus"
     if args.reasoning:
         paths = generate_reasoning_sets(
             args.out, args.num_train, args.num_test, args.num_test, args.image_size, args.seed)
@@ -463,11 +474,16 @@ def main(argv: list[str] | None = None) -> None:
         paths = generate_corpus(
             args.out, args.num_train, args.num_test, args.image_size, args.seed, args.captions_per_image,
             args.shard_size)
-    print(json.dumps(paths, indent=2))
+    _report(kind, args.out, paths)
 
 
-if __name__ == "__main__":
-    main()
+def _report(kind: str, out: str, paths: dict) -> None:
+    """Say what was written and where: a summary line, then the paths to put in a config."""
+    images = os.path.join(out, "images")
+    count = len(os.listdir(images)) if os.path.isdir(images) else 0
+    print(f"wrote the {kind} to {os.path.abspath(out)} ({count} images now in {images}); its files:", flush=True)
+    print(json.dumps(paths, indent=2), flush=True)
+
 
 
 # ----------------------------------------------------------------------------- grounding set
@@ -583,3 +599,7 @@ def generate_zeroshot_set(out_dir: str, by: str = "shape", per_class: int = 30, 
             with open(os.path.join(out_dir, name, f"{i:04d}.jpg"), "wb") as fp:
                 fp.write(_jpeg(render(background, [item], image_size)))
     return classes
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,7 @@ from albef.engine.fsdp import (clip_sharded_grads, gradient_sync, load_dcp_check
                                replicated_params, save_dcp_checkpoint, shard_model, sync_replicated_grads)
 from albef.engine.logging import MetricLogger
 from albef.engine.optim import build_optimizer
+from albef.engine.results import format_results, format_value, unit_of
 from albef.engine.schedule import alpha_at, lr_at
 
 if TYPE_CHECKING:  # the contract (albef/tasks/base.py) sits above the engine
@@ -515,7 +516,9 @@ class Trainer:
         if self.is_main:
             self.logger.results(self.state.step, "val", {**result, "epoch": epoch})
             if improved:
-                print(f"new best {key} {value:.4f} (epoch {epoch}): wrote {self.best_path}", flush=True)
+                unit = "%" if unit_of(key) == "%" else ""
+                print(f"new best {key} {format_value(key, value)}{unit} (epoch {epoch}): wrote {self.best_path}",
+                      flush=True)
         return result
 
     def test_best(self) -> dict[str, float] | None:
@@ -604,7 +607,7 @@ def run_evaluation(task: Task, model: nn.Module, cfg: Config, dist: DistInfo, sp
     finally:
         model.train(was_training)
     if dist.rank == 0:
-        print(f"{split}:\n{task.format_result(result)}", flush=True)
+        print(format_results(split, result, task.format_result), flush=True)
     return result
 
 

@@ -12,7 +12,6 @@ exists, loads from YAML and is validated like the built-in sections. See docs/DE
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -89,9 +88,10 @@ class Task:
         """Whether this task overrides `evaluate`."""
         return type(self).evaluate is not Task.evaluate
 
-    def format_result(self, result: dict[str, float]) -> str:
-        """The result as a table for the terminal. Default: indented JSON."""
-        return json.dumps(result, indent=1)
+    def format_result(self, result: dict[str, float]) -> str | None:
+        """The task's own table of its % metrics (two decimals) for the terminal; None (the
+        default): one row per metric (albef.engine.results.format_results)."""
+        return None
 
     # ------------------------------------------------------------------ the command line
 

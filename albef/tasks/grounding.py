@@ -49,6 +49,7 @@ from albef.data.grounding import (
 from albef.data.transforms import eval_transform, train_transform
 from albef.dist import (DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed,
                         stoppable)
+from albef.engine.results import COUNT, unit_of
 from albef.engine.trainer import init_weights, seed_everything
 from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_gradcam, upsample_map
 from albef.metrics import IOU_THRESHOLD, box_iou, chance_accuracy, grounding_accuracy, pick_box
@@ -272,7 +273,9 @@ class GroundingTask(RetrievalTask):
         """Grad-CAM grounding accuracy on eval.val_files / eval.test_files; the picked boxes go to
         OUTPUT_DIR/results/grounding_{split}.json."""
         model = unwrap(model)
-        result, records = evaluate_grounding(model, build_tokenizer(cfg), cfg, eval_files(cfg, split), dist.device)
+        fractions, records = evaluate_grounding(model, build_tokenizer(cfg), cfg, eval_files(cfg, split), dist.device)
+        # in % as every task's results (albef/engine/results.py); num_refs stays a count
+        result = {k: v if unit_of(k) == COUNT else 100.0 * v for k, v in fractions.items()}
         if dist.rank == 0:
             write_predictions(records, os.path.join(cfg.output_dir, "results", f"grounding_{split}.json"))
         return result
@@ -282,10 +285,10 @@ class GroundingTask(RetrievalTask):
         for suffix, label in (("_d", "detections"), ("_d_chance", "  chance"), ("_gt", "coco boxes"),
                               ("_gt_chance", "  chance")):
             if any(f"{split}{suffix}" in result for split in SPLITS):
-                cells = [f"{100 * result[f'{s}{suffix}']:8.2f}" if f"{s}{suffix}" in result else f"{'-':>8s}"
+                cells = [f"{result[f'{s}{suffix}']:8.2f}" if f"{s}{suffix}" in result else f"{'-':>8s}"
                          for s in SPLITS]
                 rows.append(f"{label:12s}" + "".join(cells))
-        rows.append(f"accuracy (%) at IoU >= {IOU_THRESHOLD}, {result['num_refs']} expressions")
+        rows.append(f"accuracy (%) at IoU >= {IOU_THRESHOLD}")
         return "\n".join(rows)
 
 

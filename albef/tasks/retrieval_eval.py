@@ -4,7 +4,6 @@ zero-shot classification. Not a task: the task is albef/tasks/retrieval.py."""
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from albef.data.retrieval import RetrievalDataset
 from albef.data.transforms import eval_transform
 from albef.dist import gather_rows, get_rank, get_world_size, stoppable
 from albef.engine.evaluation import inference_autocast
+from albef.engine.logging import progress as show_progress
 from albef.metrics import RECALL_AT, chance_recall, retrieval_recall
 from albef.models import build_tokenizer
 from albef.visualize_retrieval import save_retrieval_examples
@@ -30,12 +30,9 @@ def _storage_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 
 def progress(total: int, desc: str, unit: str):
-    """A progress bar with ETA on rank 0's stderr (silent on other ranks and for empty work)."""
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
-                mininterval=0.5 if interactive else 30.0, disable=get_rank() != 0 or total == 0)
+    """Progress with ETA on rank 0's stderr (silent on other ranks and for empty work): a bar on
+    a terminal, plain lines every 30 s in a log file (albef.engine.logging.progress)."""
+    return show_progress(total, desc, unit, enabled=get_rank() == 0)
 
 
 def shard(num_rows: int) -> slice:
@@ -275,18 +272,23 @@ def evaluate_retrieval(model, cfg, device: torch.device | str, split: str = "tes
 
 
 def format_table(result: Mapping[str, float]) -> str:
-    """R@1/5/10 table per direction: ITM re-ranked, ITC only and chance (and the number of tied
-    queries, when there are any)."""
-    header = f"{'':15s}{'':15s}" + "".join(f"{f'R@{k}':>8s}" for k in RECALL_AT)
+    """R@1/5/10 table (%) per direction: ITM re-ranked, ITM + ITC, ITC only and chance, and
+    r_mean (the counts and times follow in albef.engine.results.format_results' last line), and
+    the number of tied queries, when there are any."""
+    def cell(key: str) -> str:
+        return f"{result[key]:8.2f}" if key in result else f"{'':8s}"
+
+    header = f"{'':15s}{'':15s}" + "".join(f"{f'R@{k}':>8s}" for k in RECALL_AT) + f"{'mean':>8s}"
+    scores = (("ITM re-ranked", ""), ("ITM + ITC", "itm_itc_"), ("ITC only", "itc_"))
     lines = [header]
     for direction, key in (("text -> image", "img"), ("image -> text", "txt")):
-        for label, prefix in (("ITM re-ranked", ""), ("ITM + ITC", "itm_itc_"), ("ITC only", "itc_"),
-                              ("chance", "chance_")):
-            row = "".join(f"{result[f'{prefix}{key}_r{k}']:8.2f}" for k in RECALL_AT)
+        for label, prefix in scores + (("chance", "chance_"),):
+            row = "".join(cell(f"{prefix}{key}_r{k}") for k in RECALL_AT) + cell(f"{prefix}{key}_r_mean")
             lines.append(f"{direction if not prefix else '':15s}{label:15s}{row}")
-    lines.append(f"{result['num_images']} images, {result['num_texts']} captions, r_mean {result['r_mean']:.2f}")
+    for label, prefix in scores:  # r_mean: the mean of both directions' six recalls
+        lines.append(f"{'r_mean' if not prefix else '':15s}{label:15s}{'':24s}{cell(f'{prefix}r_mean')}")
     if result.get("txt_ties") or result.get("img_ties"):  # only when recall depends on the tie order
         lines.append(f"ITM re-ranked queries with a negative tied at the positive's score (ranked in numpy's "
                      f"order, as ALBEF's itm_eval): text -> image {result['img_ties']}, "
                      f"image -> text {result['txt_ties']}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)

@@ -174,10 +174,6 @@ class VETask(Task):
                        "label": self.label_names[ann["label"]], "prediction": self.label_names.get(pred)}
                 fp.write(json.dumps(row) + "\n")
 
-    def format_result(self, result: dict[str, float]) -> str:
-        return (f"accuracy {result['acc']:.2f}% on {result['num_samples']} samples "
-                f"(majority class {result['majority_acc']:.2f}%, unreadable {result['num_unreadable']})")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     return VETask.main(argv, "albef-ve")

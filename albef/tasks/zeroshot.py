@@ -118,6 +118,11 @@ def classification_result(ranking: np.ndarray, labels: np.ndarray, classes: Sequ
 
 # ----------------------------------------------------------------------------- the task
 
+def images_only(batch: list) -> torch.Tensor:
+    """Collate of (image, label) samples to the image batch (the labels are read from the dataset)."""
+    return torch.stack([image for image, _ in batch])
+
+
 @register_task("zeroshot", help="zero-shot image classification (ITC prompt ensemble, optional ITM re-ranking)")
 class ZeroShotTask(Task):
     """Zero-shot classification of ImageFolder / JSON-list images by class-name prompts."""
@@ -165,8 +170,9 @@ class ZeroShotTask(Task):
         class_emb, text_embeds, text_masks = class_embeddings(model, tokenizer, classes, templates, cfg, device)
 
         mine = Subset(dataset, range(len(dataset))[shard(len(dataset))])
-        loader = DataLoader(mine, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
-        image_embeds, image_feats = encode_images(model, ((images) for images, _ in loader), device)
+        loader = DataLoader(mine, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
+                            collate_fn=images_only)
+        image_embeds, image_feats = encode_images(model, loader, device)
         itc = image_feats @ class_emb.t()  # [n, C] cosine similarities
         k = min(z.rerank_k, len(classes))
         if k and image_embeds is not None:
