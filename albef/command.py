@@ -27,6 +27,7 @@ TASKS: dict[str, tuple[str, str]] = {
 # Tools that are not tasks: name -> ("module:function", one-line description).
 TOOLS: dict[str, tuple[str, str]] = {
     "demo": ("albef.demo:main", "generate the demo corpus, pretrain on it, print retrieval recall"),
+    "plan": ("albef.plan:main", "memory, largest batch, step/epoch time and data workers of a run on N GPUs, before it runs"),
 }
 
 
