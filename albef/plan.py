@@ -71,6 +71,15 @@ GPUS: dict[str, GPU] = {
 
 FRAGMENTATION = 0.10  # allocator fragmentation / caching slack, as a fraction of the traced peak
 CUDA_CONTEXT_GIB = 1.0  # CUDA context + cuBLAS/cuDNN workspaces (not in max_memory_allocated)
+
+
+@dataclass(frozen=True)
+class Margins:
+    """What is added to a traced peak before comparing it with the GPU's memory."""
+
+    fragmentation: float = FRAGMENTATION
+    context_gib: float = CUDA_CONTEXT_GIB
+
 DEFAULT_MFU = 0.35  # assumed when no benchmark JSON is given
 DEFAULT_IMAGES_PER_WORKER = 150.0  # images/s one loader worker decodes + augments, assumed without a benchmark
 ALBEF_4M_PAIRS = 5_100_000  # ALBEF-4M: 4.0M images, 5.1M image-text pairs (paper, Table 1)
@@ -386,15 +395,16 @@ def split_sizes(cfg) -> tuple[tuple[int, int], str]:
 # ----------------------------------------------------------------------------- fitting
 
 
-def fits(total_bytes: int, memory_bytes: int) -> bool:
-    return total_bytes * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GIB <= memory_bytes
+def with_margin(total_bytes: int, margins: Margins = Margins()) -> int:
+    return int(total_bytes * (1 + margins.fragmentation) + margins.context_gib * GIB)
 
 
-def with_margin(total_bytes: int) -> int:
-    return int(total_bytes * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GIB)
+def fits(total_bytes: int, memory_bytes: int, margins: Margins = Margins()) -> bool:
+    return with_margin(total_bytes, margins) <= memory_bytes
 
 
-def largest_batch(peak_at: Any, memory_bytes: int, guess: int, limit: int = 1 << 16) -> int:
+def largest_batch(peak_at: Any, memory_bytes: int, guess: int, margins: Margins = Margins(),
+                  limit: int = 1 << 16) -> int:
     """The largest batch b >= 1 with fits(peak_at(b)) and not fits(peak_at(b + 1)); 0 if batch 1
     does not fit. `peak_at(b)` is a traced peak (bytes per GPU); `guess` is where to start (a
     linear extrapolation): the search walks from it, doubling the step until it brackets the
@@ -403,7 +413,7 @@ def largest_batch(peak_at: Any, memory_bytes: int, guess: int, limit: int = 1 <<
 
     def ok(b: int) -> bool:
         if b not in cache:
-            cache[b] = fits(peak_at(b), memory_bytes)
+            cache[b] = fits(peak_at(b), memory_bytes, margins)
         return cache[b]
 
     lo = max(1, min(guess, limit))
@@ -484,7 +494,7 @@ def train_samples(cfg, task: str, given: int | None) -> tuple[int | None, str]:
 
 
 def plan(cfg, task: str, gpu: GPU, gpus: int, benchmark: str | None = None, samples: int | None = None,
-         search: bool = True) -> dict[str, Any]:
+         search: bool = True, margins: Margins = Margins()) -> dict[str, Any]:
     import torch
 
     from albef.engine.trainer import resolve_precision
@@ -504,14 +514,14 @@ def plan(cfg, task: str, gpu: GPU, gpus: int, benchmark: str | None = None, samp
             traces[ckpt, b] = tracers[ckpt].trace(b)
         return traces[ckpt, b]
 
+    base = traced(False, batch)
     shapes = None
     if task in RETRIEVAL_EVAL_TASKS:
-        v, t = cfg.model.vision, None
-        from transformers import BertConfig
+        from albef.flops import Shapes
 
-        t = BertConfig.from_pretrained(cfg.model.text.bert, **cfg.model.text.config_overrides)
-        shapes = {"image_tokens": (v.image_size // (v.patch_size or 16)) ** 2 + 1,
-                  "vision_width": v.embed_dim or 768, "text_width": t.hidden_size, "embed_dim": cfg.model.embed_dim}
+        sh = Shapes.of(tracers[False].model)
+        shapes = {"image_tokens": sh.image_tokens, "vision_width": sh.vision_width, "text_width": sh.text_width,
+                  "embed_dim": sh.embed_dim}
     sizes, sizes_source = split_sizes(cfg)
     store = eval_token_store(task, shapes or {}, cfg, gpus, compute_bytes, sizes) if shapes else 0
 
@@ -519,7 +529,7 @@ def plan(cfg, task: str, gpu: GPU, gpus: int, benchmark: str | None = None, samp
         "task": task, "gpu": vars(gpu) | {"memory_gib": memory_bytes / GIB}, "gpus": gpus, "strategy": strategy,
         "precision": "bf16" if amp == torch.bfloat16 else "fp16" if amp == torch.float16 else "fp32",
         "batch_size": batch,
-        "margins": {"fragmentation": FRAGMENTATION, "cuda_context_gib": CUDA_CONTEXT_GIB,
+        "margins": {"fragmentation": margins.fragmentation, "cuda_context_gib": margins.context_gib,
                     "rule": "fits when (traced peak + estimates) x (1 + fragmentation) + CUDA context <= GPU memory"},
         "traced": ["weights", "momentum_weights", "gradients", "adamw_states", "queues", "activations (peak)"],
         "estimated": ["fragmentation", "CUDA context and kernel workspaces", "ddp_grad_buckets (N > 1)",
@@ -535,29 +545,29 @@ def plan(cfg, task: str, gpu: GPU, gpus: int, benchmark: str | None = None, samp
         for strat in ("ddp", "fsdp"):
             mem = per_gpu_memory(tr, strat, gpus, compute_bytes)
             training = sum(mem.values())
-            rows[strat] = {"bytes": mem, "training_peak": training, "with_margin": with_margin(training),
-                           "eval_with_margin": with_margin(sum(mem[k] for k in ("weights", "momentum_weights", "queues"))
-                                                           + store),
-                           "fits": fits(training, memory_bytes)}
+            rows[strat] = {"bytes": mem, "training_peak": training, "with_margin": with_margin(training, margins),
+                           "fits": fits(training, memory_bytes, margins)}
         report["memory"]["checkpointing" if ckpt else "no_checkpointing"] = rows
-    base = traced(False, batch)
     report["params"] = {"trainable": base.params // 4, "momentum": base.momentum_params // 4}
 
     if search:
         report["largest_batch"] = {}
         for ckpt in (False, True):
-            per_sample = max(1, traced(ckpt, batch).activations // batch)
+            half = max(1, batch // 2)  # two traces give the activations' slope per sample
+            a, b2 = traced(ckpt, half), traced(ckpt, batch)
+            per_sample = max(1, (b2.activations - a.activations) // max(1, batch - half)) if batch > half \
+                else max(1, b2.activations)
             for strat in ("ddp", "fsdp"):
                 if strat == "fsdp" and gpus == 1:
                     continue
-                fixed = sum(v for k, v in per_gpu_memory(traced(ckpt, batch), strat, gpus, compute_bytes).items()
-                            if k != "activations")
-                guess = max(1, int((memory_bytes - CUDA_CONTEXT_GIB * GIB) / (1 + FRAGMENTATION) - fixed) // per_sample)
+                mem = per_gpu_memory(b2, strat, gpus, compute_bytes)
+                room = (memory_bytes - margins.context_gib * GIB) / (1 + margins.fragmentation) - sum(mem.values())
+                guess = max(1, int(batch + room // per_sample))
 
                 def peak_at(b: int, ckpt=ckpt, strat=strat) -> int:
                     return sum(per_gpu_memory(traced(ckpt, b), strat, gpus, compute_bytes).values())
 
-                found = largest_batch(peak_at, memory_bytes, guess)
+                found = largest_batch(peak_at, memory_bytes, guess, margins)
                 report["largest_batch"][f"{strat}{'_checkpointing' if ckpt else ''}"] = found
         ddp = report["largest_batch"]["ddp"]
         report["needs_fsdp_above_batch"] = (
@@ -587,7 +597,10 @@ def plan(cfg, task: str, gpu: GPU, gpus: int, benchmark: str | None = None, samp
 
 
 def _gib(b: float) -> str:
-    return f"{b / GIB:6.2f}"
+    return f"{b / GIB:6.2f}" if _UNIT[0] == "GiB" else f"{b / MIB:6.1f}"
+
+
+_UNIT = ["GiB"]  # the table's unit: MiB for small (test) models
 
 
 def _duration(s: float) -> str:
@@ -602,7 +615,8 @@ def format_plan(r: dict[str, Any]) -> str:
     cats = list(dict.fromkeys(k for mode in r["memory"].values() for s in mode.values() for k in s["bytes"]))
     cols = [(mode, s) for mode in ("no_checkpointing", "checkpointing") for s in ("ddp", "fsdp")]
     head = "".join(f"{s + (' +ckpt' if mode == 'checkpointing' else ''):>12}" for mode, s in cols)
-    lines.append(f"{'GiB per GPU':<24}{head}")
+    _UNIT[0] = "GiB" if r["memory"]["no_checkpointing"]["ddp"]["training_peak"] >= GIB else "MiB"
+    lines.append(f"{_UNIT[0] + ' per GPU':<24}{head}")
     for cat in cats:
         lines.append(f"{cat:<24}" + "".join(f"{_gib(r['memory'][m][s]['bytes'].get(cat, 0)):>12}" for m, s in cols))
     lines.append(f"{'training peak':<24}" + "".join(f"{_gib(r['memory'][m][s]['training_peak']):>12}" for m, s in cols))
@@ -641,9 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) in the run")
     p.add_argument("--gpu-memory", type=float, default=None, help="override the GPU's memory (GiB)")
     p.add_argument("--gpu-tflops", type=float, default=None, help="override the GPU's dense bf16 peak (TFLOP/s)")
+    p.add_argument("--context-gib", type=float, default=CUDA_CONTEXT_GIB,
+                   help="GiB added for the CUDA context and kernel workspaces")
+    p.add_argument("--fragmentation", type=float, default=FRAGMENTATION, help="fraction added to the traced peak")
     p.add_argument("--benchmark", default=None, help="a scripts/benchmark.py JSON: MFU and images/s per worker")
     p.add_argument("--samples", type=int, default=None, help="training samples per epoch (default: counted)")
-    p.add_argument("--no-search", action="store_true", help="skip the largest-batch search")
+    p.add_argument("--no-search", action="store_true", help="skip the largest-batch search (traces a few batches)")
     p.add_argument("--json", default=None, help="also write the plan here")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p
@@ -666,7 +683,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ConfigError, ValueError, OSError) as err:
             sys.stderr.write(f"error: albef plan: {err}\n")
             return 2
-        report = plan(cfg, args.task, gpu, args.gpus, args.benchmark, args.samples, search=not args.no_search)
+        try:
+            report = plan(cfg, args.task, gpu, args.gpus, args.benchmark, args.samples, search=not args.no_search,
+                          margins=Margins(args.fragmentation, args.context_gib))
+        except (ConfigError, ValueError, OSError) as err:  # e.g. sizes the task's model refuses
+            sys.stderr.write(f"error: albef plan: {err}\n")
+            return 2
     print(format_plan(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
