@@ -494,7 +494,9 @@ def train_samples(cfg, task: str, given: int | None) -> tuple[int | None, str]:
 
 
 def plan(cfg, task: str, gpu: GPU, gpus: int, benchmark: str | None = None, samples: int | None = None,
-         search: bool = True, margins: Margins = Margins()) -> dict[str, Any]:
+         search: bool = True, margins: Margins = Margins(), cache: dict | None = None) -> dict[str, Any]:
+    """The plan of `task` at `cfg` on `gpus` x `gpu` (see the module docstring). `cache`: a dict
+    kept between calls with the same cfg and task, so that several GPUs share the traces."""
     import torch
 
     from albef.engine.trainer import resolve_precision
@@ -504,8 +506,9 @@ def plan(cfg, task: str, gpu: GPU, gpus: int, benchmark: str | None = None, samp
     memory_bytes = gpu.memory_mib * MIB
     batch = cfg.train.batch_size
     strategy = cfg.train.strategy
-    traces: dict[tuple[bool, int], StepTrace] = {}
-    tracers: dict[bool, StepTracer] = {}
+    cache = {} if cache is None else cache
+    traces: dict[tuple[bool, int], StepTrace] = cache.setdefault("traces", {})
+    tracers: dict[bool, StepTracer] = cache.setdefault("tracers", {})
 
     def traced(ckpt: bool, b: int) -> StepTrace:
         if ckpt not in tracers:
