@@ -138,7 +138,7 @@ def planning_config(config: str, overrides: Sequence[str], bert_dir: Path):
     tcfg = cfg.model.text
     tokenizer = tcfg.tokenizer or tcfg.bert
     tcfg.bert = sized_bert_dir(tcfg.bert, bert_dir)
-    tcfg.tokenizer = tcfg.bert if tokenizer == cfg.model.text.bert or not Path(tokenizer).is_dir() else tokenizer
+    tcfg.tokenizer = tokenizer if Path(tokenizer).is_dir() else tcfg.bert  # a hub tokenizer: the generated vocab
     tcfg.pretrained = False
     cfg.model.vision.pretrained, cfg.model.vision.checkpoint = False, None
     cfg.model.init_checkpoint = None
