@@ -42,6 +42,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "demo": ("albef.demo:main", "generate the demo corpus, pretrain on it, print retrieval recall"),
     "export": ("albef.hub:export_main", "write a run or weight file as a pickle-free folder with a model card"),
     "push": ("albef.hub:push_main", "upload a run or exported folder to the Hugging Face Hub (private by default)"),
+    "plan": ("albef.plan:main", "memory, largest batch, step/epoch time and data workers of a run on N GPUs, before it runs"),
 }
 
 

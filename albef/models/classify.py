@@ -175,7 +175,9 @@ class TextAssignment(nn.Module):
             raise ValueError(f"text assignment needs at least 3 images per batch, got {images.shape[0]}")
         image_embeds = self.visual_encoder(images)
         with torch.no_grad():
-            feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+            # detached: a view taken under no_grad of a tensor that requires grad has no grad_fn,
+            # which module hooks (torch's MemTracker, used by `albef plan`) cannot handle
+            feat = F.normalize(self.vision_proj(image_embeds[:, 0].detach()), dim=-1)
             weights = (feat @ feat.t() / TA_TEMP).float().softmax(dim=1).fill_diagonal_(0)
             image0, image1, labels = assign_images(weights, generator)
         hidden = self.text_encoder.bert(

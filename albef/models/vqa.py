@@ -126,14 +126,15 @@ class VQAModel(MomentumModel):
         the momentum decoder's distribution (alpha), as ALBEF.
         """
         states = self.encode_question(images, question_ids, question_mask)
-        states = states.repeat_interleave(answers_per_question, dim=0)
-        states_mask = question_mask.repeat_interleave(answers_per_question, dim=0)
+        rows = answer_ids.shape[0]  # the output size, known without reading the counts (no host sync)
+        states = states.repeat_interleave(answers_per_question, dim=0, output_size=rows)
+        states_mask = question_mask.repeat_interleave(answers_per_question, dim=0, output_size=rows)
         targets = answer_ids.masked_fill(answer_ids == self.pad_token_id, -100)[:, 1:]
         soft_targets = None
         if self.distill:
             with torch.no_grad():
                 states_m = self.encode_question(images, question_ids, question_mask, momentum=True)
-                states_m = states_m.repeat_interleave(answers_per_question, dim=0)
+                states_m = states_m.repeat_interleave(answers_per_question, dim=0, output_size=rows)
                 logits_m = self.text_decoder_m(answer_ids, answer_mask, states_m, states_mask)[:, :-1]
                 soft_targets = logits_m.float().softmax(dim=-1)
         logits = self.text_decoder(answer_ids, answer_mask, states, states_mask)[:, :-1]
