@@ -31,7 +31,8 @@ def test_two_process_pretraining_end_to_end(tmp_path):
 
     checkpoint = torch.load(out / "checkpoints" / "step_00000003.pt", weights_only=True)
     assert checkpoint["train_state"] == {"epoch": 1, "step": 3, "consumed": 8, "nonfinite_steps": 0,
-                                         "best_metric": None, "best_epoch": None, "evaluated_step": None}
+                                         "best_metric": None, "best_epoch": None, "evaluated_step": None,
+                                         "pending_eval": None}  # pending_eval: a stop during evaluation
     assert len(checkpoint["rng"]) == 2  # every rank's RNG state
     assert (out / "checkpoints" / "step_00000002.pt").is_file()  # end of epoch 0
     assert (out / "config.yaml").is_file()

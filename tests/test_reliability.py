@@ -356,7 +356,7 @@ def no_training(monkeypatch):
         raise AssertionError("reached process-group / data setup")
 
     monkeypatch.setattr(cli, "init_distributed", forbidden)
-    monkeypatch.setattr(pretrain, "PretrainTask", forbidden)
+    monkeypatch.setattr(pretrain.PretrainTask, "__init__", forbidden)  # building the task
 
 
 @pytest.mark.parametrize("extra", [
