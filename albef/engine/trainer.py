@@ -1,8 +1,9 @@
 """The one training loop, shared by pretraining and every later task.
 
 A `Task` supplies the model, the data and a step function returning a dict of losses; `train`
-does the rest: DDP wrapping, autocast, gradient accumulation (EMA + enqueue once per optimizer
-step), clipping, non-finite skips, lr/alpha schedules, logging, checkpoints, exact resume and
+does the rest: DDP wrapping, autocast, gradient accumulation, the momentum EMA (ALBEF's timing:
+once per optimizer step, right before the first micro-batch's forward, the first step included),
+clipping, non-finite skips, lr/alpha schedules, logging, checkpoints, exact resume and
 preemption. Each step costs one host synchronisation: a small all_reduce(SUM) of
 [non-finite flag per loss term, non-finite grad norm, preemption requested, the step's logged
 scalars], so flags reach every rank and the logged loss terms are means over all ranks.
@@ -39,6 +40,7 @@ from albef.engine.logging import MetricLogger
 from albef.engine.optim import build_optimizer
 from albef.engine.results import format_results, format_value, unit_of
 from albef.engine.schedule import alpha_at, lr_at
+from albef.models.momentum import MomentumModel
 
 if TYPE_CHECKING:  # the contract (albef/tasks/base.py) sits above the engine
     from albef.tasks.base import Task
@@ -366,6 +368,7 @@ class Trainer:
             if cfg.model.distill else 0.0
 
         outputs, images, data_wait = [], 0, 0.0
+        momentum_due = True
         for i in range(accum):
             start = time.perf_counter()
             batch = next(batches)
@@ -382,6 +385,9 @@ class Trainer:
             except DeviceDecodeError as exn:  # data.decode=device: a file that fooled the header check
                 raise TrainingError(str(exn)) from None
             images += len(batch["images"])
+            if momentum_due:  # ALBEF: the EMA, then the momentum forward (once per optimizer step)
+                update_momentum(self.model)
+                momentum_due = False
             last = i == accum - 1
             with self._no_sync() if self.dist.world_size > 1 and not last else nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -457,7 +463,8 @@ class Trainer:
         return bad_terms, bool(values[-2]), bool(values[-1]), means
 
     def _skip_step(self, bad_terms: list[str], overflow: bool) -> None:
-        """Drop this step's gradients; EMA and queues stay untouched.
+        """Drop this step's gradients; the queues stay untouched (the step's EMA, which ran before
+        its forward, moved the momentum copies towards unchanged online weights).
 
         fp16 overflows (finite losses, infinite scaled grads) only lower the loss scale; every
         other non-finite step counts towards train.max_nonfinite consecutive skips.
@@ -557,6 +564,15 @@ class Trainer:
         if self.dist.world_size > 1:
             torch_dist.barrier()
         return path
+
+
+def update_momentum(model: nn.Module) -> None:
+    """The momentum EMA of `model` (unwrapped) if it has momentum copies (a `MomentumModel`).
+    The engine runs it once per optimizer step, before that step's first forward: ALBEF's
+    `_momentum_update()` at the top of its forward, so a model whose momentum copies differ from
+    its online weights (a loaded checkpoint) sees the updated copies from its first step on."""
+    if isinstance(model, MomentumModel):
+        model.momentum_update()
 
 
 def train(cfg: Config, task: Task, dist: DistInfo, resume: str | None = None, init_from: str | None = None) -> int:

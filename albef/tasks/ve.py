@@ -45,11 +45,6 @@ FSDP_SHARED_KV = ("train.strategy: 'fsdp' shards each BERT layer on its own, but
                   "their cross-attention key/value weights; use train.strategy=ddp")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
-
-
 @register_task("ve", help="SNLI-VE visual entailment fine-tuning and evaluation")
 class VETask(Task):
     """SNLI-VE on the engine: a `Classifier` over one image, 3 classes."""
@@ -64,7 +59,6 @@ class VETask(Task):
 
     def __init__(self) -> None:
         self.loader = None  # built once: its workers persist across epochs
-        self._momentum_due = True  # the EMA runs before the first momentum forward of each step
 
     # ------------------------------------------------------------------------- engine hooks
 
@@ -102,17 +96,10 @@ class VETask(Task):
         return self.loader, len(self.loader.dataset) // dist.world_size // cfg.train.batch_size
 
     def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
-        inner = unwrap(model)
-        if inner.distill and self._momentum_due:  # ALBEF: EMA, then the momentum forward
-            inner.momentum_update()
-            self._momentum_due = False
         labels = batch["labels"]
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"], targets=labels, alpha=alpha)
         out["acc"] = (out.pop("logits").argmax(dim=1) == labels).float().mean()
         return out
-
-    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
-        self._momentum_due = True
 
     def find_unused_parameters(self, cfg: Config) -> bool:
         return False

@@ -108,10 +108,6 @@ class VQATask(Task):
         return model(batch["images"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
                      batch["answer_mask"], batch["answer_weights"], batch["answers_per_question"], alpha=alpha)
 
-    @torch.no_grad()
-    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
-        model.momentum_update()
-
     def find_unused_parameters(self, cfg: Config) -> bool:
         return False
 
