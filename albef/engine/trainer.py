@@ -33,7 +33,7 @@ from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, bes
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.data.device_decode import DeviceDecodeError, EncodedImages
-from albef.dist import DistInfo, StopRequested, watch_stop
+from albef.dist import DistInfo, StopRequested, gather_objects, watch_stop
 from albef.engine.fsdp import (clip_sharded_grads, gradient_sync, load_dcp_checkpoint, load_full_checkpoint,
                                replicated_params, save_dcp_checkpoint, shard_model, sync_replicated_grads)
 from albef.engine.logging import MetricLogger
@@ -115,15 +115,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
-def gather_objects(obj: Any, world_size: int) -> list[Any]:
-    """Every rank's `obj` in rank order (a collective; cheap objects, rare calls only)."""
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 set a flag; the loop checks it at the next step boundary."""
 
@@ -153,7 +144,7 @@ def check_same_resume_point(path: Path | None, world_size: int) -> None:
         return
     step = checkpoint_step(path) if path is not None else None
     point = "a fresh start" if path is None else f"step {step}" if step is not None else path.name
-    points = gather_objects(point, world_size)
+    points = gather_objects(point)
     if len(set(points)) > 1:
         ranks: dict[str, list[int]] = {}
         for rank, p in enumerate(points):
@@ -545,7 +536,7 @@ class Trainer:
         copies the state to CPU before the ranks go on; the file is written in the background
         (`CheckpointWriter`: one write in flight, finished before the run ends or exits)."""
         skips = self.skips.all_reduce()
-        rngs = gather_objects(rng_state(), self.dist.world_size)
+        rngs = gather_objects(rng_state())
         state = {
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "train_state": vars(self.state).copy(),

@@ -19,17 +19,16 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import Subset
 
 from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, ConfigError, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import DistInfo, stoppable
-from albef.engine.evaluation import inference_autocast
+from albef.dist import DistInfo
+from albef.engine.evaluation import (eval_files, gather_lists, inference_autocast, progress, shard_subset,
+                                    stoppable)
 from albef.metrics import classification_accuracy
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
@@ -117,28 +116,25 @@ class VETask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: Classifier, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
-        """Accuracy (%) of the student on `split`; each rank scores every world_size-th sample."""
-        files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
+        """Accuracy (%) of the student on `split`; each rank scores a contiguous block of samples."""
+        files = eval_files(cfg, split)
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = ReasoningDataset(self.kind, files, cfg.eval.image_root, transform, cfg.data.max_words)
-        shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+        shard = shard_subset(dataset)
         loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg), cfg.eval.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         indices, predictions = [], []
-        with inference_autocast(dist.device, cfg.train.precision):
+        with inference_autocast(dist.device, cfg.train.precision), \
+                progress(len(shard), f"{split}: {self.name}", "sample") as bar:
             for batch in stoppable(loader, len(loader)):
+                bar.update(len(batch["index"]) + sum(batch["skipped"].values()))
                 if len(batch["index"]) == 0:
                     continue
                 images = batch["images"].to(dist.device, non_blocking=True)
                 logits = model(images, batch["input_ids"].to(dist.device), batch["attention_mask"].to(dist.device))
                 indices += batch["index"].tolist()
                 predictions += logits.argmax(dim=1).tolist()
-        if dist.world_size > 1:
-            parts: list[Any] = [None] * dist.world_size
-            torch_dist.all_gather_object(parts, (indices, predictions))
-            indices = [i for part in parts for i in part[0]]
-            predictions = [p for part in parts for p in part[1]]
-        predicted = dict(zip(indices, predictions))
+        predicted = dict(gather_lists(zip(indices, predictions)))
         labels = dataset.labels
         # An unreadable sample counts as wrong (it has no prediction).
         ordered = [predicted.get(i, -1) for i in range(len(labels))]
