@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -123,6 +124,16 @@ def stoppable(items: Iterable, count: int) -> Iterator:
     yield from iterator  # more items than announced: no more checks
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (the one object all-gather; a collective: cheap
+    objects, rare calls). A single process gets `[obj]`."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @torch.no_grad()
 def gather_rows(t: Tensor, counts: list[int] | None = None) -> tuple[Tensor, list[int]]:
     """Concatenate `t` from all ranks along dim 0 in rank order, and return each rank's row count.
@@ -151,7 +162,8 @@ def gather_rows(t: Tensor, counts: list[int] | None = None) -> tuple[Tensor, lis
 
 
 def all_gather_concat(t: Tensor) -> Tensor:
-    """Concatenate `t` from all ranks along dim 0, in rank order (no gradient)."""
+    """Concatenate `t` from all ranks along dim 0, in rank order (no gradient): `gather_rows`
+    without the counts."""
     return gather_rows(t)[0]
 
 

@@ -259,7 +259,7 @@ def to_empty_keeping_ties(model, device) -> None:
 class StepTracer:
     """The task's model and AdamW, built once on fake CPU tensors; `trace(b)` runs one training
     step at batch `b` under MemTracker, as the trainer runs it: forward (autocast to
-    `amp_dtype`), backward, AdamW step, zero_grad, `after_optimizer_step` (EMA, enqueue).
+    `amp_dtype`) after the EMA, backward, AdamW step, zero_grad, `after_optimizer_step` (enqueue).
     The AdamW states exist before the first trace (a step on zero gradients), so every traced
     step is a steady one."""
 
@@ -289,6 +289,7 @@ class StepTracer:
         from torch.utils.flop_counter import FlopCounterMode
 
         from albef.engine.fsdp import transformer_blocks
+        from albef.engine.trainer import update_momentum
 
         model, optimizer, task, fake = self.model, self.optimizer, self.task, self.fake
         real = example_batch(self.task_name, model, self.cfg, batch_size)
@@ -300,6 +301,7 @@ class StepTracer:
             tracker = frozen_aware_tracker()
             tracker.track_external(model, optimizer, *[v for v in batch.values() if torch.is_tensor(v)])
             with tracker, counter:
+                update_momentum(model)  # the engine's EMA, before the step's forward
                 with torch.autocast("cpu", dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     out = task.forward_step(model, batch, 0.4)
                 out["loss"].backward()

@@ -16,6 +16,7 @@ from albef.data.datasets import AnnotationError
 from albef.data.reasoning import ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.synthetic import generate_reasoning_sets
 from albef.data.transforms import eval_transform
+from albef.engine.trainer import update_momentum
 from albef.losses import classification_distill_loss
 from albef.models.classify import assign_images, build_classifier, build_text_assignment, double_fusion_layers
 from albef.tasks import nlvr, nlvr_pretrain, ve
@@ -365,7 +366,9 @@ def test_nlvr_forward_on_original_weights_uses_the_momentum_model_for_targets(be
 
 
 @needs_original
-def test_ve_step_updates_the_momentum_model_once_before_its_forward(bert_l12):
+def test_ve_momentum_model_moves_only_by_the_engines_ema(bert_l12):
+    """The EMA is the engine's (once per optimizer step, before its first forward:
+    tests/test_momentum_timing.py); the VE step itself leaves the momentum model alone."""
     model = _model("ve", bert_l12, 96)
     path = DOWNSTREAM / "tiny_ve.pth"
     VETask().init_weights(model, read_model_state(path), str(path))
@@ -375,11 +378,13 @@ def test_ve_step_updates_the_momentum_model_once_before_its_forward(bert_l12):
     gen = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(2, 3, 96, 96, generator=gen), "input_ids": torch.randint(1000, 2000, (2, 5)),
              "attention_mask": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([2, 0])}
+    update_momentum(model)  # what the engine runs before the step's first forward
     task.forward_step(model, batch, alpha=0.4)
     task.forward_step(model, batch, alpha=0.4)  # a second micro-batch of the same step: no second EMA
     expected = before * 0.995 + student * 0.005
     assert torch.allclose(model.cls_head_m[2].weight, expected, atol=1e-7)
     task.after_optimizer_step(model, [])
+    update_momentum(model)
     task.forward_step(model, batch, alpha=0.4)
     assert torch.allclose(model.cls_head_m[2].weight, expected * 0.995 + student * 0.005, atol=1e-7)
 

@@ -23,6 +23,7 @@ from albef import cli, pretrain
 from albef.checkpoint import find_latest, load_checkpoint_file
 from albef.data.synthetic import generate_corpus
 from albef.engine.trainer import PREEMPTED_EXIT_CODE
+from albef.models.momentum import momentum_update
 from conftest import assert_same
 
 pytestmark = pytest.mark.slow
@@ -341,7 +342,16 @@ def test_nonfinite_loss_term_skips_the_step_without_touching_state(corpus, tmp_p
     assert [r["skipped_steps"] for r in run.records() if "event" not in r] == [0, 1, 1]
     before, after, later = (load_checkpoint_file(out / "checkpoints" / f"step_{s:08d}.pt") for s in (1, 2, 3))
     assert after["train_state"]["nonfinite_steps"] == 1 and after["train_state"]["step"] == 2
-    assert_same(after["model"], before["model"], "model")  # weights, momentum weights, queues
+    # weights and queues untouched; the momentum weights took the one EMA that runs before every
+    # step's forward (ALBEF's timing), towards the unchanged online weights
+    momentum = {k for k in before["model"] if k.split(".", 1)[0].endswith("_m")}
+    assert momentum
+    assert_same({k: v for k, v in after["model"].items() if k not in momentum},
+                {k: v for k, v in before["model"].items() if k not in momentum}, "model")
+    expected = {k: before["model"][k].clone() for k in sorted(momentum)}
+    momentum_update([before["model"][k.replace("_m.", ".", 1)] for k in expected], list(expected.values()),
+                    before["config"]["model"]["momentum"])
+    assert_same({k: after["model"][k] for k in expected}, expected, "model")
     assert_same(after["optimizer"]["state"], before["optimizer"]["state"], "optimizer")
     assert not torch.equal(later["model"]["queue_ptr"], after["model"]["queue_ptr"])  # step 3 trained
 

@@ -45,10 +45,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from albef.dist import gather_objects, is_distributed
 
 from .captions import pre_caption
 from .device_decode import EncodedImage, encode_for_device
@@ -608,12 +609,10 @@ class SkipCounter:
 
     def all_reduce(self) -> "SkipCounter":
         """The totals over all ranks (a copy of this counter when not distributed)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_distributed():
             return SkipCounter(Counter(self.counts), self.seen)
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (dict(self.counts), self.seen))
         total = SkipCounter()
-        for counts, seen in parts:
+        for counts, seen in gather_objects((dict(self.counts), self.seen)):
             total.counts.update(counts)
             total.seen += seen
         return total

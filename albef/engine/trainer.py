@@ -1,8 +1,9 @@
 """The one training loop, shared by pretraining and every later task.
 
 A `Task` supplies the model, the data and a step function returning a dict of losses; `train`
-does the rest: DDP wrapping, autocast, gradient accumulation (EMA + enqueue once per optimizer
-step), clipping, non-finite skips, lr/alpha schedules, logging, checkpoints, exact resume and
+does the rest: DDP wrapping, autocast, gradient accumulation, the momentum EMA (ALBEF's timing:
+once per optimizer step, right before the first micro-batch's forward, the first step included),
+clipping, non-finite skips, lr/alpha schedules, logging, checkpoints, exact resume and
 preemption. Each step costs one host synchronisation: a small all_reduce(SUM) of
 [non-finite flag per loss term, non-finite grad norm, preemption requested, the step's logged
 scalars], so flags reach every rank and the logged loss terms are means over all ranks.
@@ -32,13 +33,14 @@ from albef.checkpoint import (CheckpointError, CheckpointWriter, LoadReport, bes
 from albef.config import Config, ConfigError, save_config
 from albef.data.datasets import SkipCounter
 from albef.data.device_decode import DeviceDecodeError, EncodedImages
-from albef.dist import DistInfo, StopRequested, watch_stop
+from albef.dist import DistInfo, StopRequested, gather_objects, watch_stop
 from albef.engine.fsdp import (clip_sharded_grads, gradient_sync, load_dcp_checkpoint, load_full_checkpoint,
                                replicated_params, save_dcp_checkpoint, shard_model, sync_replicated_grads)
 from albef.engine.logging import MetricLogger
 from albef.engine.optim import build_optimizer
 from albef.engine.results import format_results, format_value, unit_of
 from albef.engine.schedule import alpha_at, lr_at
+from albef.models.momentum import MomentumModel
 
 if TYPE_CHECKING:  # the contract (albef/tasks/base.py) sits above the engine
     from albef.tasks.base import Task
@@ -113,15 +115,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
-def gather_objects(obj: Any, world_size: int) -> list[Any]:
-    """Every rank's `obj` in rank order (a collective; cheap objects, rare calls only)."""
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 set a flag; the loop checks it at the next step boundary."""
 
@@ -151,7 +144,7 @@ def check_same_resume_point(path: Path | None, world_size: int) -> None:
         return
     step = checkpoint_step(path) if path is not None else None
     point = "a fresh start" if path is None else f"step {step}" if step is not None else path.name
-    points = gather_objects(point, world_size)
+    points = gather_objects(point)
     if len(set(points)) > 1:
         ranks: dict[str, list[int]] = {}
         for rank, p in enumerate(points):
@@ -366,6 +359,7 @@ class Trainer:
             if cfg.model.distill else 0.0
 
         outputs, images, data_wait = [], 0, 0.0
+        momentum_due = True
         for i in range(accum):
             start = time.perf_counter()
             batch = next(batches)
@@ -382,6 +376,9 @@ class Trainer:
             except DeviceDecodeError as exn:  # data.decode=device: a file that fooled the header check
                 raise TrainingError(str(exn)) from None
             images += len(batch["images"])
+            if momentum_due:  # ALBEF: the EMA, then the momentum forward (once per optimizer step)
+                update_momentum(self.model)
+                momentum_due = False
             last = i == accum - 1
             with self._no_sync() if self.dist.world_size > 1 and not last else nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -457,7 +454,8 @@ class Trainer:
         return bad_terms, bool(values[-2]), bool(values[-1]), means
 
     def _skip_step(self, bad_terms: list[str], overflow: bool) -> None:
-        """Drop this step's gradients; EMA and queues stay untouched.
+        """Drop this step's gradients; the queues stay untouched (the step's EMA, which ran before
+        its forward, moved the momentum copies towards unchanged online weights).
 
         fp16 overflows (finite losses, infinite scaled grads) only lower the loss scale; every
         other non-finite step counts towards train.max_nonfinite consecutive skips.
@@ -538,7 +536,7 @@ class Trainer:
         copies the state to CPU before the ranks go on; the file is written in the background
         (`CheckpointWriter`: one write in flight, finished before the run ends or exits)."""
         skips = self.skips.all_reduce()
-        rngs = gather_objects(rng_state(), self.dist.world_size)
+        rngs = gather_objects(rng_state())
         state = {
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "train_state": vars(self.state).copy(),
@@ -557,6 +555,15 @@ class Trainer:
         if self.dist.world_size > 1:
             torch_dist.barrier()
         return path
+
+
+def update_momentum(model: nn.Module) -> None:
+    """The momentum EMA of `model` (unwrapped) if it has momentum copies (a `MomentumModel`).
+    The engine runs it once per optimizer step, before that step's first forward: ALBEF's
+    `_momentum_update()` at the top of its forward, so a model whose momentum copies differ from
+    its online weights (a loaded checkpoint) sees the updated copies from its first step on."""
+    if isinstance(model, MomentumModel):
+        model.momentum_update()
 
 
 def train(cfg: Config, task: Task, dist: DistInfo, resume: str | None = None, init_from: str | None = None) -> int:

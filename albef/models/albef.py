@@ -1,8 +1,9 @@
 """ALBEF pretraining model: image-text contrastive (ITC), matching (ITM) and masked LM (MLM)
 losses with momentum distillation and feature queues (Li et al. 2021, "Align before Fuse").
 
-The forward changes no state besides the RNG: the engine calls `momentum_update()` and
-`enqueue(*out["queue_update"])` once per optimizer step.
+The forward changes no state besides the RNG: the engine calls `momentum_update()` before each
+optimizer step's first forward (ALBEF's timing) and the task `enqueue(*out["queue_update"])`
+after the optimizer step.
 """
 
 from __future__ import annotations

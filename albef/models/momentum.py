@@ -23,7 +23,7 @@ def momentum_copy(module: nn.Module) -> nn.Module:
 class MomentumModel(nn.Module):
     """Base of the models with momentum copies: a subclass sets `self.momentum` and names the
     momentum copy of its submodule `x` `x_m` (ALBEF's key names, `momentum_copy`); the engine
-    calls `momentum_update()` once per optimizer step."""
+    calls `momentum_update()` once per optimizer step, before its first forward (ALBEF)."""
 
     momentum: float
 

@@ -65,7 +65,9 @@ class Task:
         ConfigError / AnnotationError for a user mistake. Default: nothing to check."""
 
     def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
-        """Once per optimizer step with the unwrapped model and every micro-batch's outputs."""
+        """Once per optimizer step with the unwrapped model and every micro-batch's outputs (e.g.
+        enqueue momentum features). The momentum EMA is not a task's: the engine runs it before
+        each step's first forward (albef.engine.trainer.update_momentum)."""
 
     def find_unused_parameters(self, cfg: Config) -> bool:
         """Whether some trainable parameters get no gradient (DDP must then search for them)."""

@@ -26,10 +26,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from albef.cli import USER_ERRORS, build_parser, evaluation_weights
@@ -47,8 +46,8 @@ from albef.data.grounding import (
     load_refs,
 )
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import (DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed,
-                        stoppable)
+from albef.dist import DistInfo, destroy_distributed, init_distributed
+from albef.engine.evaluation import eval_files, gather_lists, progress, shard_subset, stoppable
 from albef.engine.results import COUNT, unit_of
 from albef.engine.trainer import init_weights, seed_everything
 from albef.gradcam import check_block_num, gradcam, gradcam_token_maps, itc_gradcam, upsample_map
@@ -57,7 +56,6 @@ from albef.models import build_tokenizer
 from albef.tasks.pretrain import unwrap
 from albef.tasks.base import register_task
 from albef.tasks.retrieval import RetrievalTask
-from albef.tasks.retrieval_eval import eval_files
 from albef.visualize import gradcam_figure, save_png
 
 
@@ -82,18 +80,10 @@ def tokenize(tokenizer, texts: Sequence[str], max_tokens: int, device) -> tuple[
     return tokens.input_ids.to(device), tokens.attention_mask.to(device)
 
 
-def _gather(records: list) -> list:
-    if not is_distributed():
-        return records
-    parts = [None] * get_world_size()
-    dist.all_gather_object(parts, records)
-    return [r for part in parts for r in part]
-
-
 def evaluate_grounding(model, tokenizer, cfg, files: Sequence[str], device) -> tuple[dict[str, float], list[dict]]:
     """Grad-CAM grounding accuracy of `model` on the references of `files`.
 
-    Runs on every rank (each takes every world_size-th reference) and returns, on every rank, the
+    Runs on every rank (each takes a contiguous block of the references) and returns, on every rank, the
     accuracies (``{split}_d`` with `grounding.det_file`'s boxes, ``{split}_gt`` with
     `grounding.coco_file`'s when set, each with the random-pick level ``{split}_d_chance``, ...,
     and ``num_refs``) and one prediction per reference.
@@ -113,29 +103,32 @@ def evaluate_grounding(model, tokenizer, cfg, files: Sequence[str], device) -> t
         refs, cfg.eval.image_root, eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std),
         cfg.data.max_words,
     )
-    shard = Subset(dataset, range(get_rank(), len(dataset), get_world_size()))
+    shard = shard_subset(dataset)
     loader = DataLoader(shard, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
                         collate_fn=collate_eval, pin_memory=torch.device(device).type == "cuda")
     was_training = model.training
     model.eval()
     records = []
-    for images, texts, indices, sizes in stoppable(loader, len(loader)):
-        input_ids, attention_mask = tokenize(tokenizer, texts, cfg.eval.max_tokens, device)
-        cams = gradcam(model, images.to(device), input_ids, attention_mask, gcfg.block_num, gcfg.gradcam_mode).float()
-        for cam, index, (width, height) in zip(cams, indices, sizes):
-            ref = refs[index]
-            heat = upsample_map(cam, height, width)
-            record = {"ref_id": ref["ref_id"], "split": ref["split"]}
-            for suffix, boxes in box_sets.items():
-                candidates = boxes[str(ref["image_id"])]
-                box = candidates[pick_box(heat, candidates, gcfg.box_alpha)]
-                record[f"box{suffix}"] = box
-                record[f"iou{suffix}"] = box_iou(ref["bbox"], box)
-                hits = sum(box_iou(ref["bbox"], c) >= IOU_THRESHOLD for c in candidates)
-                record[f"chance{suffix}"] = hits / len(candidates)
-            records.append(record)
+    with progress(len(shard), "grounding: Grad-CAM", "ref") as bar:
+        for images, texts, indices, sizes in stoppable(loader, len(loader)):
+            bar.update(len(indices))
+            input_ids, attention_mask = tokenize(tokenizer, texts, cfg.eval.max_tokens, device)
+            cams = gradcam(model, images.to(device), input_ids, attention_mask, gcfg.block_num,
+                           gcfg.gradcam_mode).float()
+            for cam, index, (width, height) in zip(cams, indices, sizes):
+                ref = refs[index]
+                heat = upsample_map(cam, height, width)
+                record = {"ref_id": ref["ref_id"], "split": ref["split"]}
+                for suffix, boxes in box_sets.items():
+                    candidates = boxes[str(ref["image_id"])]
+                    box = candidates[pick_box(heat, candidates, gcfg.box_alpha)]
+                    record[f"box{suffix}"] = box
+                    record[f"iou{suffix}"] = box_iou(ref["bbox"], box)
+                    hits = sum(box_iou(ref["bbox"], c) >= IOU_THRESHOLD for c in candidates)
+                    record[f"chance{suffix}"] = hits / len(candidates)
+                records.append(record)
     model.train(was_training)
-    records = sorted(_gather(records), key=lambda r: str(r["ref_id"]))
+    records = sorted(gather_lists(records), key=lambda r: str(r["ref_id"]))
     result = {"num_refs": len(records)}
     for suffix in box_sets:
         splits = [r["split"] for r in records]

@@ -29,8 +29,8 @@ from albef.config import Config, ConfigError
 from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations, preflight_files
 from albef.data.transforms import eval_transform
-from albef.dist import DistInfo, stoppable
-from albef.engine.evaluation import inference_autocast
+from albef.dist import DistInfo
+from albef.engine.evaluation import eval_files, inference_autocast, progress, stoppable
 from albef.metrics import classification_accuracy
 from albef.models import build_tokenizer
 from albef.models.classify import (TextAssignment, build_text_assignment, double_fusion_layers, doubling_note,
@@ -101,8 +101,9 @@ class TextAssignmentTask(PretrainTask):
     @torch.no_grad()
     def evaluate(self, model: TextAssignment, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
         """TA accuracy (%) over the split's caption files, the image pairs drawn with a generator
-        seeded by `seed` (the same draw for every evaluation of a run). Every rank computes it."""
-        files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
+        seeded by `seed` (the same draw for every evaluation of a run). Every rank computes it whole,
+        unsharded: the draw runs through the batches in order, so a shard would change it."""
+        files = eval_files(cfg, split)
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = CaptionDataset(files, cfg.eval.image_root, transform, cfg.data.max_words)
         loader = build_eval_loader(dataset, Collator(build_tokenizer(cfg), cfg.data.max_tokens),
@@ -110,8 +111,10 @@ class TextAssignmentTask(PretrainTask):
         generator = torch.Generator(dist.device).manual_seed(cfg.seed)
         predictions: list[int] = []
         labels: list[int] = []
-        with inference_autocast(dist.device, cfg.train.precision):
+        with inference_autocast(dist.device, cfg.train.precision), \
+                progress(len(dataset), f"{split}: text assignment", "caption") as bar:
             for batch in stoppable(loader, len(loader)):
+                bar.update(len(batch["index"]) + sum(batch["skipped"].values()))
                 if len(batch["index"]) < 3:
                     continue
                 out = model(batch["images"].to(dist.device), batch["input_ids"].to(dist.device),

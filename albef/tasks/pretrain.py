@@ -101,8 +101,8 @@ class PretrainTask(Task):
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
-        """EMA of the momentum encoders, then enqueue every micro-batch's momentum features."""
-        model.momentum_update()
+        """Enqueue every micro-batch's momentum features (the engine ran the EMA before the step's
+        first forward)."""
         updates = [out["queue_update"] for out in outputs if "queue_update" in out]
         if updates:
             model.enqueue(*(torch.cat(parts) for parts in zip(*updates)))

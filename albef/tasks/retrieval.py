@@ -26,9 +26,8 @@ from albef.engine.trainer import QUEUE_KEYS
 from albef.tasks.base import register_task
 from albef.tasks.pretrain import PretrainTask, unwrap
 from albef.tasks.retrieval_eval import (RECALL_AT, RetrievalScores, candidate_pairs, chance_recall,  # noqa: F401
-                                        encode_images, encode_texts, eval_files, evaluate_retrieval, format_table,
-                                        pair_itm_logits, progress, retrieval_scores, score_pairs, shard,
-                                        topk_matrix)
+                                        encode_images, encode_texts, evaluate_retrieval, format_table,
+                                        pair_itm_logits, retrieval_scores, score_pairs, topk_matrix)
 
 # Weights of a pretraining checkpoint the retrieval model has no use for: the MLM heads.
 UNUSED_FOR_RETRIEVAL = ("text_encoder.cls", "text_encoder_m.cls")

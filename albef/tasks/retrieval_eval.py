@@ -3,7 +3,6 @@ pretraining, retrieval fine-tuning and grounding; its encoders and ITM pair scor
 zero-shot classification. Not a task: the task is albef/tasks/retrieval.py."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,8 @@ from torch.utils.data import DataLoader, Subset
 
 from albef.data.retrieval import RetrievalDataset
 from albef.data.transforms import eval_transform
-from albef.dist import gather_rows, get_rank, get_world_size, stoppable
-from albef.engine.evaluation import inference_autocast
-from albef.engine.logging import progress as show_progress
+from albef.dist import get_rank
+from albef.engine.evaluation import eval_files, gather_rows, inference_autocast, progress, shard, stoppable
 from albef.metrics import RECALL_AT, chance_recall, retrieval_recall
 from albef.models import build_tokenizer
 from albef.visualize_retrieval import save_retrieval_examples
@@ -27,20 +25,6 @@ def _storage_dtype(device: torch.device, precision: str) -> torch.dtype:
     if device.type != "cuda" or precision == "fp32":
         return torch.float32
     return torch.float16 if precision == "fp16" else torch.bfloat16
-
-
-def progress(total: int, desc: str, unit: str):
-    """Progress with ETA on rank 0's stderr (silent on other ranks and for empty work): a bar on
-    a terminal, plain lines every 30 s in a log file (albef.engine.logging.progress)."""
-    return show_progress(total, desc, unit, enabled=get_rank() == 0)
-
-
-def shard(num_rows: int) -> slice:
-    """This process's contiguous block of `num_rows` (ranks in order; the last ones may be short
-    or empty)."""
-    step = math.ceil(num_rows / get_world_size())
-    start = min(num_rows, get_rank() * step)
-    return slice(start, min(num_rows, start + step))
 
 
 @torch.no_grad()
@@ -150,11 +134,6 @@ def score_pairs(model, pairs: torch.Tensor, num_texts: int, image_embeds: torch.
         if bar is not None:
             bar.update(len(codes))
     return torch.cat(scores) if scores else torch.zeros(0, device=text_embeds.device)
-
-
-def eval_files(cfg, split: str) -> list[str]:
-    """The annotation files of `split` ("val" or "test")."""
-    return {"val": cfg.eval.val_files, "test": cfg.eval.test_files}[split]
 
 
 def _sync(device: torch.device) -> None:

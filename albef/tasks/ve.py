@@ -19,17 +19,16 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import Subset
 
 from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, ConfigError, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
 from albef.data.transforms import eval_transform, train_transform
-from albef.dist import DistInfo, stoppable
-from albef.engine.evaluation import inference_autocast
+from albef.dist import DistInfo
+from albef.engine.evaluation import (eval_files, gather_lists, inference_autocast, progress, shard_subset,
+                                    stoppable)
 from albef.metrics import classification_accuracy
 from albef.models import build_tokenizer
 from albef.models.classify import Classifier, build_classifier, with_momentum_copies
@@ -43,11 +42,6 @@ PRETRAIN_ONLY = (
 MOMENTUM = ("visual_encoder_m", "text_encoder_m", "cls_head_m")
 FSDP_SHARED_KV = ("train.strategy: 'fsdp' shards each BERT layer on its own, but NLVR2 / TA fusion layer pairs share "
                   "their cross-attention key/value weights; use train.strategy=ddp")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
 
 
 @register_task("ve", help="SNLI-VE visual entailment fine-tuning and evaluation")
@@ -64,7 +58,6 @@ class VETask(Task):
 
     def __init__(self) -> None:
         self.loader = None  # built once: its workers persist across epochs
-        self._momentum_due = True  # the EMA runs before the first momentum forward of each step
 
     # ------------------------------------------------------------------------- engine hooks
 
@@ -102,17 +95,10 @@ class VETask(Task):
         return self.loader, len(self.loader.dataset) // dist.world_size // cfg.train.batch_size
 
     def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
-        inner = unwrap(model)
-        if inner.distill and self._momentum_due:  # ALBEF: EMA, then the momentum forward
-            inner.momentum_update()
-            self._momentum_due = False
         labels = batch["labels"]
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"], targets=labels, alpha=alpha)
         out["acc"] = (out.pop("logits").argmax(dim=1) == labels).float().mean()
         return out
-
-    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
-        self._momentum_due = True
 
     def find_unused_parameters(self, cfg: Config) -> bool:
         return False
@@ -130,28 +116,25 @@ class VETask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: Classifier, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
-        """Accuracy (%) of the student on `split`; each rank scores every world_size-th sample."""
-        files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
+        """Accuracy (%) of the student on `split`; each rank scores a contiguous block of samples."""
+        files = eval_files(cfg, split)
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = ReasoningDataset(self.kind, files, cfg.eval.image_root, transform, cfg.data.max_words)
-        shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+        shard = shard_subset(dataset)
         loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg), cfg.eval.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         indices, predictions = [], []
-        with inference_autocast(dist.device, cfg.train.precision):
+        with inference_autocast(dist.device, cfg.train.precision), \
+                progress(len(shard), f"{split}: {self.name}", "sample") as bar:
             for batch in stoppable(loader, len(loader)):
+                bar.update(len(batch["index"]) + sum(batch["skipped"].values()))
                 if len(batch["index"]) == 0:
                     continue
                 images = batch["images"].to(dist.device, non_blocking=True)
                 logits = model(images, batch["input_ids"].to(dist.device), batch["attention_mask"].to(dist.device))
                 indices += batch["index"].tolist()
                 predictions += logits.argmax(dim=1).tolist()
-        if dist.world_size > 1:
-            parts: list[Any] = [None] * dist.world_size
-            torch_dist.all_gather_object(parts, (indices, predictions))
-            indices = [i for part in parts for i in part[0]]
-            predictions = [p for part in parts for p in part[1]]
-        predicted = dict(zip(indices, predictions))
+        predicted = dict(gather_lists(zip(indices, predictions)))
         labels = dataset.labels
         # An unreadable sample counts as wrong (it has no prediction).
         ordered = [predicted.get(i, -1) for i in range(len(labels))]

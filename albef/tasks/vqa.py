@@ -17,7 +17,6 @@ layers, `init_from_pretrain_state`); a VQA checkpoint (one with `text_decoder.*`
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections import Counter
@@ -25,16 +24,16 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.transforms import eval_transform, train_transform
 from albef.data.vqa import VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions
-from albef.dist import DistInfo, stoppable
+from albef.dist import DistInfo
+from albef.engine.evaluation import eval_files, gather_lists, inference_autocast, progress, shard_subset, stoppable
 from albef.metrics import vqa_accuracy
 from albef.models import build_tokenizer
 from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
@@ -108,10 +107,6 @@ class VQATask(Task):
         return model(batch["images"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
                      batch["answer_mask"], batch["answer_weights"], batch["answers_per_question"], alpha=alpha)
 
-    @torch.no_grad()
-    def after_optimizer_step(self, model: nn.Module, outputs: list[dict[str, Any]]) -> None:
-        model.momentum_update()
-
     def find_unused_parameters(self, cfg: Config) -> bool:
         return False
 
@@ -129,7 +124,7 @@ class VQATask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: VQAModel, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
-        files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
+        files = eval_files(cfg, split)
         if not files:
             return {}
         results = answer_questions(getattr(model, "module", model), cfg, files, dist)
@@ -153,11 +148,6 @@ class VQATask(Task):
         return metrics
 
 
-def _rank_slice(num: int, dist: DistInfo) -> range:
-    step = math.ceil(num / dist.world_size)
-    return range(min(num, dist.rank * step), min(num, (dist.rank + 1) * step))
-
-
 @torch.no_grad()
 def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: DistInfo) -> list[dict]:
     """`[{"question_id", "answer"}]` for every question of `files`, in file order (all ranks
@@ -169,27 +159,25 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
     dataset = VQAEvalDataset(files, cfg.eval.image_root, cfg.vqa.vg_root or cfg.eval.image_root,
                              eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std),
                              cfg.vqa.eval_max_words)
-    share = Subset(dataset, _rank_slice(len(dataset), dist))
+    share = shard_subset(dataset)
     max_tokens = model.text_encoder.config.max_position_embeddings
     loader = build_eval_loader(share, VQACollator(tokenizer, max_tokens), batch_size=cfg.eval.batch_size,
                                num_workers=cfg.eval.num_workers)
     results = []
-    for batch in stoppable(loader, len(loader)):
-        if batch["skipped"]:
-            raise AnnotationError(f"{', '.join(files)}: evaluation images could not be read "
-                                  f"({batch['skipped']}); check eval.image_root and the 'image' paths")
-        images = batch["images"].to(device)
-        question_ids, question_mask = batch["question_ids"].to(device), batch["question_mask"].to(device)
-        states = model.encode_question(images, question_ids, question_mask)
-        ranked, _ = model.rank_answers(states, question_mask, answers["input_ids"], answers["attention_mask"],
-                                       cfg.vqa.k_test, cfg.vqa.count_first_token_twice)
-        results += [{"question_id": qid, "answer": answer_list[int(i)]}
-                    for qid, i in zip(batch["question_id"], ranked[:, 0].tolist())]
-    if dist.world_size > 1 and torch_dist.is_initialized():
-        parts: list[Any] = [None] * dist.world_size
-        torch_dist.all_gather_object(parts, results)
-        results = [r for part in parts for r in part]
-    return results
+    with inference_autocast(device, cfg.train.precision), progress(len(share), "vqa: answer", "question") as bar:
+        for batch in stoppable(loader, len(loader)):
+            if batch["skipped"]:
+                raise AnnotationError(f"{', '.join(files)}: evaluation images could not be read "
+                                      f"({batch['skipped']}); check eval.image_root and the 'image' paths")
+            images = batch["images"].to(device)
+            question_ids, question_mask = batch["question_ids"].to(device), batch["question_mask"].to(device)
+            states = model.encode_question(images, question_ids, question_mask)
+            ranked, _ = model.rank_answers(states, question_mask, answers["input_ids"], answers["attention_mask"],
+                                           cfg.vqa.k_test, cfg.vqa.count_first_token_twice)
+            results += [{"question_id": qid, "answer": answer_list[int(i)]}
+                        for qid, i in zip(batch["question_id"], ranked[:, 0].tolist())]
+            bar.update(len(batch["question_id"]))
+    return gather_lists(results)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,18 +32,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from albef.config import Config, ConfigError
 from albef.data.captions import pre_caption
 from albef.data.classification import ClassificationDataset, read_class_list
 from albef.data.transforms import eval_transform
-from albef.dist import DistInfo, gather_rows
+from albef.dist import DistInfo
+from albef.engine.evaluation import (eval_files, gather_rows, inference_autocast, progress, shard_subset,
+                                    stoppable)
 from albef.metrics import confusion_matrix, per_class_accuracy, topk_accuracy
 from albef.models import build_model, build_tokenizer
 from albef.tasks.base import Task, register_task
 from albef.tasks.pretrain import unwrap
-from albef.tasks.retrieval_eval import encode_images, encode_texts, eval_files, pair_itm_logits, shard
+from albef.tasks.retrieval_eval import encode_images, encode_texts, pair_itm_logits
 
 
 @dataclass
@@ -90,19 +92,25 @@ def class_embeddings(model, tokenizer, classes: Sequence[str], templates: Sequen
 
 @torch.no_grad()
 def itm_topk_scores(model, image_embeds: torch.Tensor, topk: torch.Tensor, text_embeds: torch.Tensor,
-                    text_masks: torch.Tensor, num_templates: int, batch_size: int) -> torch.Tensor:
+                    text_masks: torch.Tensor, num_templates: int, batch_size: int, bar=None) -> torch.Tensor:
     """[N, K] ITM match logit of each image with each of its K candidate classes, averaged over
-    the templates (`text_embeds` rows class-major, as `prompts`)."""
+    the templates (`text_embeds` rows class-major, as `prompts`). Every rank calls it (its batch
+    loop is `stoppable`, a collective), also with no images (N = 0)."""
     n, k = topk.shape
     images = torch.arange(n, device=topk.device)[:, None, None].expand(n, k, num_templates).reshape(-1)
     rows = (topk[:, :, None] * num_templates + torch.arange(num_templates, device=topk.device)).reshape(-1)
     scores = []
-    for start in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for start in stoppable(starts, len(starts)):
         img, txt = images[start : start + batch_size], rows[start : start + batch_size]
         distinct, index = img.unique(sorted=True, return_inverse=True)
         logits = pair_itm_logits(model, image_embeds[distinct], index, text_embeds[txt], text_masks[txt])
         scores.append(logits[:, 1].float())
-    return torch.cat(scores).view(n, k, num_templates).mean(dim=2) if scores else torch.zeros(n, k)
+        if bar is not None:
+            bar.update(len(img))
+    if not scores:
+        return torch.zeros(n, k, device=topk.device)
+    return torch.cat(scores).view(n, k, num_templates).mean(dim=2)
 
 
 def classification_result(ranking: np.ndarray, labels: np.ndarray, classes: Sequence[str],
@@ -167,17 +175,21 @@ class ZeroShotTask(Task):
         dataset = ClassificationDataset(eval_files(cfg, split), cfg.eval.image_root, transform, classes)
         classes, templates = dataset.classes, self.templates(cfg)
         tokenizer = build_tokenizer(cfg)
-        class_emb, text_embeds, text_masks = class_embeddings(model, tokenizer, classes, templates, cfg, device)
-
-        mine = Subset(dataset, range(len(dataset))[shard(len(dataset))])
+        mine = shard_subset(dataset)
         loader = DataLoader(mine, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
                             collate_fn=images_only)
-        image_embeds, image_feats = encode_images(model, loader, device)
+        with inference_autocast(device, cfg.train.precision):
+            class_emb, text_embeds, text_masks = class_embeddings(model, tokenizer, classes, templates, cfg, device)
+            with progress(len(mine), f"{split}: encode images", "img") as bar:
+                image_embeds, image_feats = encode_images(model, loader, device, bar=bar)
         itc = image_feats @ class_emb.t()  # [n, C] cosine similarities
         k = min(z.rerank_k, len(classes))
-        if k and image_embeds is not None:
+        if k:  # every rank, also one without images: the re-ranking loop is a collective
             topk = itc.topk(k, dim=1).indices
-            itm = itm_topk_scores(model, image_embeds, topk, text_embeds, text_masks, len(templates), z.batch_size)
+            with inference_autocast(device, cfg.train.precision), \
+                    progress(topk.numel() * len(templates), f"{split}: ITM re-rank", "pair") as bar:
+                itm = itm_topk_scores(model, image_embeds, topk, text_embeds, text_masks, len(templates),
+                                      z.batch_size, bar)
             ranking = rerank_topk(itc, itm)
         else:
             ranking = itc.argsort(dim=1, descending=True, stable=True)
