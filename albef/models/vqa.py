@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from albef.losses import answer_sequence_loss
 from albef.models.bert import TextEncoder, _key_mask
 from albef.models.momentum import MomentumModel, momentum_copy
+from albef.weights import WeightAdapter
 
 # Keys of an ALBEF pretraining checkpoint the VQA model has no place for.
 UNUSED_FROM_PRETRAIN = (
@@ -242,3 +243,22 @@ def build_vqa_model(cfg: Any) -> VQAModel:
         module.set_grad_checkpointing(tcfg.grad_checkpointing)
     return VQAModel(visual_encoder, text_encoder, text_decoder, tokenizer.pad_token_id,
                     distill=mcfg.distill, momentum=mcfg.momentum)
+
+
+class VQAAdapter(WeightAdapter):
+    """ALBEF VQA.py: a VQA checkpoint loads as it is; a pretraining one through ALBEF's decoder
+    rule (`init_from_pretrain_state`), its ITC/ITM parts and queues unused, and without
+    distillation its momentum copies too."""
+
+    def adapt(self, model: VQAModel, state: dict[str, Tensor], source: str
+              ) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
+        if is_vqa_state(state):
+            return state, [], [], []
+        mapped = init_from_pretrain_state(state, model.text_encoder.config.fusion_layer)
+        unused = list(self.unused)
+        if not model.distill:
+            unused += ["visual_encoder_m", "text_encoder_m", "text_decoder_m"]
+        return mapped, unused, list(self.new), []
+
+
+VQA_ADAPTER = VQAAdapter("vqa", unused=UNUSED_FROM_PRETRAIN)

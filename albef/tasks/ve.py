@@ -23,7 +23,6 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import Subset
 
-from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, ConfigError, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
@@ -32,15 +31,9 @@ from albef.dist import DistInfo, stoppable
 from albef.engine.evaluation import inference_autocast
 from albef.metrics import classification_accuracy
 from albef.models import build_tokenizer
-from albef.models.classify import Classifier, build_classifier, with_momentum_copies
+from albef.models.classify import VE_ADAPTER, Classifier, build_classifier
 from albef.tasks.base import Task, register_task
 
-# Keys of a pretraining (or retrieval) checkpoint that a classifier does not use.
-PRETRAIN_ONLY = (
-    "text_encoder.cls", "text_encoder_m.cls", "vision_proj", "vision_proj_m", "text_proj", "text_proj_m",
-    "itm_head", "temp", "image_queue", "text_queue", "idx_queue", "queue_ptr",
-)
-MOMENTUM = ("visual_encoder_m", "text_encoder_m", "cls_head_m")
 FSDP_SHARED_KV = ("train.strategy: 'fsdp' shards each BERT layer on its own, but NLVR2 / TA fusion layer pairs share "
                   "their cross-attention key/value weights; use train.strategy=ddp")
 
@@ -58,6 +51,7 @@ class VETask(Task):
     kind = "ve"  # ReasoningDataset kind
     num_classes = len(VE_LABELS)
     num_images = 1
+    weight_adapter = VE_ADAPTER  # ALBEF VE.py's rule (albef/models/classify.py)
     best_metric = "acc"
     description = "ALBEF SNLI-VE fine-tuning and evaluation"
     label_names = {v: k for k, v in VE_LABELS.items()}
@@ -116,15 +110,6 @@ class VETask(Task):
 
     def find_unused_parameters(self, cfg: Config) -> bool:
         return False
-
-    def init_weights(self, model: Classifier, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-        """ALBEF VE.py: a pretraining / retrieval checkpoint gives the ViT and the text encoder,
-        momentum copies included; `cls_head(_m)` start fresh (and equal). A VE checkpoint loads
-        as it is. A file without momentum copies (distill off) gives them the student's weights."""
-        if model.distill and not any(k.startswith("visual_encoder_m.") for k in state):
-            state = with_momentum_copies(state, replace=False)
-        unused = list(PRETRAIN_ONLY) + ([] if model.distill else list(MOMENTUM))
-        return load_weights(model, state, source, unused=unused, new=["cls_head", "cls_head_m"])
 
     # ------------------------------------------------------------------------- evaluation
 

@@ -29,7 +29,6 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.transforms import eval_transform, train_transform
@@ -37,7 +36,7 @@ from albef.data.vqa import VQACollator, VQAEvalDataset, VQATrainDataset, load_an
 from albef.dist import DistInfo, stoppable
 from albef.metrics import vqa_accuracy
 from albef.models import build_tokenizer
-from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
+from albef.models.vqa import VQA_ADAPTER, VQAModel, build_vqa_model
 from albef.tasks.base import Task, register_task
 
 
@@ -63,6 +62,7 @@ def majority_answer(files: Sequence[str]) -> str | None:
 class VQATask(Task):
     name = "vqa"
     best_metric = "acc"
+    weight_adapter = VQA_ADAPTER  # ALBEF VQA.py's decoder rule (albef/models/vqa.py)
     description = "ALBEF VQA fine-tuning and evaluation"
     config_section, config_class = "vqa", VQAConfig
     config_ranges = {"k_test": "[1, inf)", "vg_weight": "[0, inf)", "eval_max_words": "[1, inf)"}
@@ -114,16 +114,6 @@ class VQATask(Task):
 
     def find_unused_parameters(self, cfg: Config) -> bool:
         return False
-
-    def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-        """A VQA checkpoint loads as it is; a pretraining one through ALBEF's decoder rule."""
-        if is_vqa_state(state):
-            return load_weights(model, state, source)
-        mapped = init_from_pretrain_state(state, model.text_encoder.config.fusion_layer)
-        unused = list(UNUSED_FROM_PRETRAIN)
-        if not model.distill:
-            unused += ["visual_encoder_m", "text_encoder_m", "text_decoder_m"]
-        return load_weights(model, mapped, source, unused=unused)
 
     # ----------------------------------------------------------------------------- evaluation
 
