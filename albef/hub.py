@@ -588,7 +588,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, config: str | o
             + (tmp / CONFIG_FILE).read_text())
         (tmp / TEXT_DIR).mkdir()
         BertConfig.from_pretrained(cfg.model.text.bert).to_json_file(tmp / TEXT_DIR / "config.json")
-        build_tokenizer(cfg).save_pretrained(str(tmp / TEXT_DIR))
+        build_tokenizer(cfg.model).save_pretrained(str(tmp / TEXT_DIR))
         for extra in {p.name for p in (tmp / TEXT_DIR).iterdir()} - set(TEXT_FILES):
             (tmp / TEXT_DIR / extra).unlink()  # e.g. a chat template: not part of a BERT tokenizer
         (tmp / CARD_FILE).write_text(model_card(

@@ -28,7 +28,8 @@ from albef.checkpoint import CheckpointError, confined, is_dcp_checkpoint, load_
 from albef.config import Config, ConfigError, load_config, parse_yaml
 from albef.data.captions import pre_caption
 from albef.data.transforms import eval_transform
-from albef.models import ALBEF, build_model, build_tokenizer
+from albef.build import build_model
+from albef.models import ALBEF, build_tokenizer
 
 __all__ = ["ALBEFInference", "Preprocess", "load"]
 
@@ -186,7 +187,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu",
     model.to(device)
     preprocess = Preprocess(
         transform=eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std),
-        tokenizer=build_tokenizer(cfg),
+        tokenizer=build_tokenizer(cfg.model),
         max_words=cfg.data.max_words,
         max_tokens=cfg.eval.max_tokens,
     )

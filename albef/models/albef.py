@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from albef import dist
 from albef.losses import ITC_KINDS, itc_loss, itc_stats, itc_targets, itm_loss, mlm_loss
-from albef.data.masking import TokenIds, mask_tokens, special_tokens
+from albef.masking import TokenIds, mask_tokens, special_tokens
 from albef.models.bert import TextEncoder
 from albef.models.ops import TiedGradient
 from albef.models.momentum import MomentumModel, enqueue_, momentum_copy

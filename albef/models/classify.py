@@ -24,9 +24,7 @@ from torch import Tensor, nn
 from transformers import BertConfig
 
 from albef.losses import classification_distill_loss
-from albef.models.bert import TextEncoder, bert_config, read_bert_weights
 from albef.models.momentum import MomentumModel, momentum_copy
-from albef.models.vision import build_vision_encoder
 from albef.weights import CheckpointError, WeightAdapter
 
 TA_TEMP = 0.07  # ALBEF's TA forward divides by this literal, not by its `temp` parameter
@@ -188,47 +186,6 @@ class TextAssignment(nn.Module):
         loss = F.cross_entropy(logits.float(), labels)
         acc = (logits.argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "loss_ta": loss.detach(), "acc": acc, "logits": logits.detach(), "labels": labels}
-
-
-# ----------------------------------------------------------------------------- construction
-
-
-def build_text_encoder(cfg, encoder_width: int, num_images: int = 1) -> TextEncoder:
-    """The BERT text/fusion encoder of `cfg.model.text` without MLM head; for two images, with
-    every fusion layer doubled (`two_image_bert_config`). Pretrained BERT weights (when
-    `model.text.pretrained`) go through `double_fusion_layers` for two images."""
-    tcfg = cfg.model.text
-    config = bert_config(tcfg.bert, tcfg.fusion_layer, encoder_width, tcfg.config_overrides)
-    if num_images == 2:
-        config = two_image_bert_config(config)
-    encoder = TextEncoder(config, tcfg.attention, mlm_head=False)
-    if tcfg.pretrained:
-        weights = read_bert_weights(tcfg.bert)
-        if num_images == 2:
-            weights = double_fusion_layers(weights, tcfg.fusion_layer)
-        encoder.load_bert_state_dict(weights, source=str(tcfg.bert)).print()
-    encoder.set_grad_checkpointing(tcfg.grad_checkpointing)
-    return encoder
-
-
-def build_classifier(cfg, num_classes: int, num_images: int = 1) -> Classifier:
-    """VE (3 classes, one image) or NLVR2 (2 classes, two images) model of `cfg.model`."""
-    from albef.models import checked_tokenizer
-
-    checked_tokenizer(cfg)
-    visual_encoder = build_vision_encoder(cfg.model.vision)
-    text_encoder = build_text_encoder(cfg, visual_encoder.embed_dim, num_images)
-    return Classifier(visual_encoder, text_encoder, num_classes, num_images, cfg.model.distill, cfg.model.momentum)
-
-
-def build_text_assignment(cfg) -> TextAssignment:
-    """NLVR2's TA pretraining model of `cfg.model` (embed_dim, temp; no momentum copies)."""
-    from albef.models import checked_tokenizer
-
-    checked_tokenizer(cfg)
-    visual_encoder = build_vision_encoder(cfg.model.vision)
-    text_encoder = build_text_encoder(cfg, visual_encoder.embed_dim, num_images=2)
-    return TextAssignment(visual_encoder, text_encoder, cfg.model.embed_dim, cfg.model.temp)
 
 
 # ----------------------------------------------------------------------------- initialisation rules

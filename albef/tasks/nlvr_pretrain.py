@@ -31,8 +31,8 @@ from albef.data.transforms import eval_transform
 from albef.dist import DistInfo, stoppable
 from albef.engine.evaluation import inference_autocast
 from albef.metrics import classification_accuracy
-from albef.models import build_tokenizer
-from albef.models.classify import TA_ADAPTER, TextAssignment, build_text_assignment
+from albef.models import build_text_assignment, build_tokenizer
+from albef.models.classify import TA_ADAPTER, TextAssignment
 from albef.tasks.base import register_task
 from albef.tasks.pretrain import PretrainTask
 from albef.tasks.ve import FSDP_SHARED_KV
@@ -63,7 +63,7 @@ class TextAssignmentTask(PretrainTask):
                             f"eval.{key}", cfg.data.max_bad_fraction)
 
     def build_model(self, cfg: Config) -> TextAssignment:
-        return build_text_assignment(cfg)
+        return build_text_assignment(cfg.model)
 
     def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
         if len(batch["images"]) < 3:  # unreadable images left too few to draw two others per caption:
@@ -86,7 +86,7 @@ class TextAssignmentTask(PretrainTask):
         files = cfg.eval.val_files if split == "val" else cfg.eval.test_files
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = CaptionDataset(files, cfg.eval.image_root, transform, cfg.data.max_words)
-        loader = build_eval_loader(dataset, Collator(build_tokenizer(cfg), cfg.data.max_tokens),
+        loader = build_eval_loader(dataset, Collator(build_tokenizer(cfg.model), cfg.data.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         generator = torch.Generator(dist.device).manual_seed(cfg.seed)
         predictions: list[int] = []

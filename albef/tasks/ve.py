@@ -30,8 +30,8 @@ from albef.data.transforms import eval_transform, train_transform
 from albef.dist import DistInfo, stoppable
 from albef.engine.evaluation import inference_autocast
 from albef.metrics import classification_accuracy
-from albef.models import build_tokenizer
-from albef.models.classify import VE_ADAPTER, Classifier, build_classifier
+from albef.models import build_classifier, build_tokenizer
+from albef.models.classify import VE_ADAPTER, Classifier
 from albef.tasks.base import Task, register_task
 
 FSDP_SHARED_KV = ("train.strategy: 'fsdp' shards each BERT layer on its own, but NLVR2 / TA fusion layer pairs share "
@@ -80,7 +80,7 @@ class VETask(Task):
             raise ConfigError(f"data.format: {self.name} reads JSON annotation files (got {cfg.data.format!r})")
 
     def build_model(self, cfg: Config) -> Classifier:
-        return build_classifier(cfg, self.num_classes, self.num_images)
+        return build_classifier(cfg.model, self.num_classes, self.num_images)
 
     def build_train_loader(
         self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
@@ -90,7 +90,7 @@ class VETask(Task):
             transform = train_transform(cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip)
             dataset = ReasoningDataset(self.kind, d.train_files, d.image_root, transform, d.max_words, cfg.seed)
             self.loader = build_train_loader(
-                dataset, LabelCollator(build_tokenizer(cfg), d.max_tokens), batch_size=cfg.train.batch_size,
+                dataset, LabelCollator(build_tokenizer(cfg.model), d.max_tokens), batch_size=cfg.train.batch_size,
                 num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
         set_epoch(self.loader, epoch, consumed)
         return self.loader, len(self.loader.dataset) // dist.world_size // cfg.train.batch_size
@@ -120,7 +120,7 @@ class VETask(Task):
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = ReasoningDataset(self.kind, files, cfg.eval.image_root, transform, cfg.data.max_words)
         shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
-        loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg), cfg.eval.max_tokens),
+        loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg.model), cfg.eval.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         indices, predictions = [], []
         with inference_autocast(dist.device, cfg.train.precision):

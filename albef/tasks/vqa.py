@@ -35,8 +35,8 @@ from albef.data.transforms import eval_transform, train_transform
 from albef.data.vqa import VQACollator, VQAEvalDataset, VQATrainDataset, load_answer_list, load_questions
 from albef.dist import DistInfo, stoppable
 from albef.metrics import vqa_accuracy
-from albef.models import build_tokenizer
-from albef.models.vqa import VQA_ADAPTER, VQAModel, build_vqa_model
+from albef.models import build_tokenizer, build_vqa_model
+from albef.models.vqa import VQA_ADAPTER, VQAModel
 from albef.tasks.base import Task, register_task
 
 
@@ -88,7 +88,7 @@ class VQATask(Task):
     # ----------------------------------------------------------------------------- training
 
     def build_model(self, cfg: Config) -> nn.Module:
-        return build_vqa_model(cfg)
+        return build_vqa_model(cfg.model)
 
     def build_train_loader(self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
                            ) -> tuple[Iterable[dict[str, Any]], int]:
@@ -99,7 +99,7 @@ class VQATask(Task):
             dataset = VQATrainDataset(d.train_files, d.image_root, cfg.vqa.vg_root or d.image_root, transform,
                                       d.max_words, cfg.vqa.eos, cfg.vqa.vg_weight, cfg.seed)
             self.loader = build_train_loader(
-                dataset, VQACollator(build_tokenizer(cfg), d.max_tokens), batch_size=cfg.train.batch_size,
+                dataset, VQACollator(build_tokenizer(cfg.model), d.max_tokens), batch_size=cfg.train.batch_size,
                 num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
         set_epoch(self.loader, epoch, consumed)
         return self.loader, len(self.loader.dataset) // dist.world_size // cfg.train.batch_size
@@ -153,7 +153,7 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
     """`[{"question_id", "answer"}]` for every question of `files`, in file order (all ranks
     answer a contiguous share; every rank gets the whole list)."""
     device = next(model.parameters()).device
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = build_tokenizer(cfg.model)
     answer_list = load_answer_list(cfg.vqa.answer_list)
     answers = tokenizer([a + cfg.vqa.eos for a in answer_list], padding="longest", return_tensors="pt").to(device)
     dataset = VQAEvalDataset(files, cfg.eval.image_root, cfg.vqa.vg_root or cfg.eval.image_root,

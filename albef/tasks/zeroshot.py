@@ -40,7 +40,8 @@ from albef.data.classification import ClassificationDataset, read_class_list
 from albef.data.transforms import eval_transform
 from albef.dist import DistInfo, gather_rows
 from albef.metrics import confusion_matrix, per_class_accuracy, topk_accuracy
-from albef.models import build_model, build_tokenizer
+from albef.build import build_model
+from albef.models import build_tokenizer
 from albef.tasks.base import Task, register_task
 from albef.tasks.pretrain import unwrap
 from albef.tasks.retrieval_eval import encode_images, encode_texts, eval_files, pair_itm_logits, shard
@@ -166,7 +167,7 @@ class ZeroShotTask(Task):
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = ClassificationDataset(eval_files(cfg, split), cfg.eval.image_root, transform, classes)
         classes, templates = dataset.classes, self.templates(cfg)
-        tokenizer = build_tokenizer(cfg)
+        tokenizer = build_tokenizer(cfg.model)
         class_emb, text_embeds, text_masks = class_embeddings(model, tokenizer, classes, templates, cfg, device)
 
         mine = Subset(dataset, range(len(dataset))[shard(len(dataset))])
