@@ -1,5 +1,7 @@
-"""Checkpoint files: safe loading, atomic saving with keep-last-K, resume lookup, and loading
-pretrained weights (our checkpoints, the released ALBEF .pth files, plain state dicts).
+"""Checkpoint I/O: safe reading of every weight format (`read_model_state`, the one reader of
+`--init-from`, `albef.load` and `albef export`), atomic and asynchronous saving with
+keep-last-K, resume lookup. Matching what was read to a model (`match_state_dict`,
+`LoadReport`, position-embedding resampling) is albef/weights.py; its names are re-exported here.
 
 Nothing here unpickles code: `.pt`/`.pth`/`.bin` files are read with `torch.load(weights_only=True)`,
 `.safetensors` files with safetensors, and a `.dcp` directory only after `check_dcp_directory`
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import fnmatch
 import io
 import json
 import os
@@ -27,29 +28,31 @@ import pickle
 import re
 import shutil
 import socket
-import sys
 import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from timm.layers import resample_abs_pos_embed
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+
+# weight adaptation (albef/weights.py), re-exported for callers that import it from here
+from albef.weights import (CheckpointError, LoadReport, _tied_groups, load_weights, map_albef_keys,
+                           match_state_dict, resample_pos_embed)
 
 __all__ = [
     "CheckpointError", "LoadReport", "load_checkpoint_file", "save_checkpoint", "find_latest",
     "checkpoint_dir", "best_checkpoint", "run_weights", "resolve_resume", "map_albef_keys", "match_state_dict", "load_pretrained",
     "save_pretrained", "tmp_checkpoint_dir", "publish_checkpoint_dir", "is_dcp_checkpoint",
     "DCP_TRAINER_STATE", "resample_pos_embed", "load_training_state", "check_dcp_directory",
-    "load_dcp_state", "checkpoint_step", "read_model_state", "load_weights", "confined",
+    "load_dcp_state", "checkpoint_step", "read_model_state", "read_weights", "load_weights", "confined",
 ]
 
 LATEST = "latest"
@@ -57,24 +60,6 @@ _STEP_RE = re.compile(r"step_(\d+)\.(?:pt|dcp)")
 _TMP_RE = re.compile(r"\.(?:step_\d+\.(?:pt|dcp(?:\.old)?)|latest)\.(?P<host>.+)\.(?P<pid>\d+)\.tmp")
 DCP_TRAINER_STATE = "trainer_state.pt"  # rank 0's non-tensor state inside a .dcp directory
 _DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint once every shard is saved
-
-# ALBEF retrieval/VQA checkpoints hold the text encoder as a BertModel (no `.bert.`, no MLM head).
-_BERT_MODEL_RE = re.compile(r"^(text_encoder(?:_m)?)\.(embeddings|encoder)\.")
-# Keys a checkpoint may carry that hold no information of their own: {alias suffix: source suffix}.
-_TIED_ALIASES = {
-    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-    "cls.predictions.decoder.bias": "cls.predictions.bias",
-}
-_POSITION_IDS = "embeddings.position_ids"  # HF BERT buffer, recomputable
-_QUEUES = ("image_queue", "text_queue", "idx_queue")
-_QUEUE_STATE = (*_QUEUES, "queue_ptr")
-_MAX_SHOWN = 5  # shape mismatches named in an error
-_SHAPE_FIX = "check model.embed_dim / model.vision / model.text sizes in the config"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, written or matched to the model; names the file."""
-
 
 # ----------------------------------------------------------------------------- reading
 
@@ -598,162 +583,6 @@ def load_dcp_state(state: dict[str, Any], path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- pretrained
 
 
-@dataclass
-class LoadReport:
-    """How every key of a checkpoint and of the model was accounted for."""
-
-    source: str
-    loaded: list[str] = field(default_factory=list)         # values taken from the checkpoint
-    resampled: list[str] = field(default_factory=list)      # loaded after resampling (pos_embed)
-    reinitialised: list[str] = field(default_factory=list)  # in both, model's fresh value kept
-    missing: list[str] = field(default_factory=list)        # model keys the file lacks (allowed)
-    unexpected: list[str] = field(default_factory=list)     # file keys the model lacks (ignored)
-    skipped: list[str] = field(default_factory=list)        # file keys declared unused by the task
-    new: list[str] = field(default_factory=list)            # model keys declared new: fresh init kept
-    notes: list[str] = field(default_factory=list)
-
-    # The groups `details` lists key by key (`loaded` is a count there, resampled keys included).
-    GROUPS = ("resampled", "new", "reinitialised", "skipped", "missing", "unexpected")
-
-    def duplicates(self) -> list[str]:
-        """Keys listed in more than one group (the one vocabulary: each key in exactly one)."""
-        seen: dict[str, int] = {}
-        for group in self.GROUPS:
-            for key in set(getattr(self, group)):
-                seen[key] = seen.get(key, 0) + 1
-        return sorted(k for k, n in seen.items() if n > 1)
-
-    def __str__(self) -> str:
-        counts = ", ".join(f"{len(getattr(self, n))} {n}" for n in (
-            "loaded", "resampled", "reinitialised", "new", "missing", "unexpected", "skipped"))
-        return "; ".join([f"{self.source}: {counts}", *self.notes])
-
-    def details(self) -> list[str]:
-        """The summary line, then one line per kind of key that did not simply load, with the
-        keys grouped by module (`text_encoder.cls.* (9)`), for users to read."""
-        lines = [f"loaded {self.source}: {len(self.loaded)} tensors"]
-        for label, keys in (("resampled", self.resampled), ("freshly initialised (new)", self.new),
-                            ("re-initialised", self.reinitialised), ("skipped (unused)", self.skipped),
-                            ("not in the file (tied or recomputable)", self.missing),
-                            ("ignored (aliases, buffers)", self.unexpected)):
-            if keys:
-                lines.append(f"  {label}: {', '.join(group_keys(keys))}")
-        lines += [f"  note: {note}" for note in self.notes]
-        return lines
-
-    def print(self, file: Any = None) -> None:
-        """Show the report where users see it (stderr by default); only the first rank prints."""
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("\n".join(self.details()), file=file or sys.stderr, flush=True)
-
-
-def group_keys(keys: Iterable[str], depth: int = 3) -> list[str]:
-    """Keys grouped by their first `depth` name parts: ['visual_encoder.blocks.0.* (12)', 'temp']."""
-    groups: dict[str, int] = {}
-    for key in sorted(keys):
-        parts = key.split(".")
-        name = key if len(parts) <= depth else ".".join(parts[:depth]) + ".*"
-        groups[name] = groups.get(name, 0) + 1
-    return [name if count == 1 and not name.endswith("*") else f"{name} ({count})"
-            for name, count in groups.items()]
-
-
-def map_albef_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename released-ALBEF keys to ours (`text_encoder.encoder.*` -> `...bert.encoder.*`)."""
-    return {_BERT_MODEL_RE.sub(r"\1.bert.\2.", k): v for k, v in state.items()}
-
-
-def _matches(key: str, patterns: list[str]) -> bool:
-    """fnmatch pattern, or a module prefix (`text_encoder.cls` matches its sub-keys)."""
-    return any(fnmatch.fnmatchcase(key, p) or key.startswith(p.rstrip(".") + ".")
-               for p in patterns)
-
-
-def _tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
-    """Names sharing one tensor (tied weights), in state-dict order; meta tensors have no data."""
-    groups: dict[tuple, list[str]] = {}
-    for key, t in state.items():
-        if not t.is_meta and t.numel():
-            groups.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), []).append(key)
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def _alias_source(key: str) -> str | None:
-    for alias, source in _TIED_ALIASES.items():
-        if key.endswith(alias):
-            return key[: -len(alias)] + source
-    return None
-
-
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal tensors; meta tensors (shape-only matching) have no values to compare."""
-    return a.is_meta or b.is_meta or (a.shape == b.shape and torch.equal(a, b))
-
-
-def _names(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
-
-
-def _shape(t: torch.Tensor) -> str:
-    return f"[{', '.join(map(str, t.shape))}]"
-
-
-def _grid(num_patches: int, key: str, source: str) -> list[int]:
-    side = round(num_patches ** 0.5)
-    if side * side != num_patches:
-        raise CheckpointError(f"{source}: {key} has {num_patches} patch positions, not a square "
-                              "grid; cannot resample it")
-    return [side, side]
-
-
-def _match_queues(state: dict, target: dict, report: LoadReport) -> None:
-    """Queues are training state: if their length differs, keep the model's fresh ones."""
-    differs = [k for k in _QUEUES if k in state and k in target
-               and state[k].shape[:-1] == target[k].shape[:-1]
-               and state[k].shape[-1] != target[k].shape[-1]]
-    if differs:
-        q_old, q_new = state[differs[0]].shape[-1], target[differs[0]].shape[-1]
-        for key in _QUEUE_STATE:
-            if key in target:
-                state.pop(key, None)
-                report.reinitialised.append(key)
-        report.notes.append(f"queue size differs (checkpoint {q_old}, model {q_new}): "
-                            "queues re-initialised")
-    elif ("idx_queue" in target and "idx_queue" not in state and "image_queue" in state
-          and "idx_queue" not in report.skipped and "idx_queue" not in report.new):  # else reported there
-        report.missing.append("idx_queue")
-        report.notes.append("the file has no image-id queue (ALBEF pretraining): initialised empty")
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int] | list[int],
-                       num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Resample a ViT position embedding [1, prefix + n*n, W] to a `grid` of patches, bicubic
-    without antialiasing as ALBEF's `interpolate_pos_embed` (fp32 math, dtype kept)."""
-    num_patches = pos_embed.shape[1] - num_prefix_tokens
-    if num_patches == grid[0] * grid[1]:
-        return pos_embed
-    old = _grid(num_patches, "pos_embed", "position embedding")
-    return resample_abs_pos_embed(pos_embed.float(), new_size=list(grid), old_size=old,
-                                  num_prefix_tokens=num_prefix_tokens, antialias=False).to(pos_embed.dtype)
-
-
-def _match_pos_embed(state: dict, target: dict, report: LoadReport) -> None:
-    """Resample ViT position embeddings (one class token) to the model's patch grid."""
-    for key, want in target.items():
-        have = state.get(key)
-        if (not key.endswith("pos_embed") or have is None or have.shape == want.shape
-                or have.ndim != 3 or have.shape[-1] != want.shape[-1]):
-            continue
-        old = _grid(have.shape[1] - 1, key, report.source)
-        new = _grid(want.shape[1] - 1, key, report.source)
-        state[key] = resample_pos_embed(have, new)
-        report.resampled.append(key)
-        note = f"position embeddings resampled from a {old[0]}x{old[1]} to a {new[0]}x{new[1]} patch grid"
-        if note not in report.notes:  # the keys are listed once, under "resampled"
-            report.notes.append(note)
-
-
 def load_training_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Strict load of a training checkpoint's model state (resume must be exact); a checkpoint of
     another architecture fails in one line naming the mismatching keys and shapes."""
@@ -768,81 +597,6 @@ def load_training_state(model: torch.nn.Module, state: dict[str, torch.Tensor], 
             f"{path}: does not fit this model ({'; '.join(problems[:5])}{more}); resume with the config "
             "the run was started with (its config.yaml) or use a new output_dir")
     model.load_state_dict(state)
-
-
-def match_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                     skip: Iterable[str] = (), source: str = "checkpoint", *,
-                     unused: Iterable[str] = (), new: Iterable[str] = ()
-                     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Match a (key-mapped) checkpoint state dict to the model's `target` state dict: the one
-    policy for every weight file (vision init, BERT init, `--init-from`, `load_pretrained`).
-
-    Returns a state dict with exactly the model's keys (ready for a strict load_state_dict)
-    and the report. Patterns are fnmatch patterns or module prefixes. `unused` names file keys
-    the task does not use (dropped, reported as skipped); `new` names model keys the task adds
-    (kept at their fresh initialisation when the file lacks them, reported as new); `skip`
-    applies to both sides. Built-in allowances: HF `position_ids` buffers, MLM decoder aliases
-    equal to the tensors they are tied to, a missing `idx_queue`, resized queues
-    (re-initialised) and pos_embed grids (resampled). Anything else missing, unexpected or of
-    another shape raises CheckpointError naming the keys.
-    """
-    skip, unused, new, report = list(skip), list(unused), list(new), LoadReport(source)
-    report.skipped = sorted(k for k in state.keys() | target.keys() if _matches(k, skip))
-    report.skipped += sorted(k for k in state.keys() - set(report.skipped) if _matches(k, unused))
-    state = {k: v for k, v in state.items() if k not in report.skipped}
-    kept = {k for k in target if k in report.skipped}  # model keys that keep their values
-    report.new = sorted(k for k in target.keys() - state.keys() - kept if _matches(k, new))
-    kept |= set(report.new)
-
-    _match_queues(state, target, report)
-    _match_pos_embed(state, target, report)
-    kept |= set(report.reinitialised) | set(report.missing)
-
-    tied = {k: g for g in _tied_groups(target) for k in g}
-    missing, unexpected = [], []
-    for key in state.keys() - target.keys():
-        alias_of = _alias_source(key)
-        if key.endswith(_POSITION_IDS) or (
-                alias_of in state and _same_values(state[key], state[alias_of])):
-            report.unexpected.append(key)
-        else:
-            unexpected.append(key)
-    for key in target.keys() - state.keys() - kept:
-        if key.endswith(_POSITION_IDS) or any(k in state for k in tied.get(key, ())):
-            report.missing.append(key)
-        else:
-            missing.append(key)
-    if missing or unexpected:
-        parts = [f"{what} keys {_names(sorted(keys))}"
-                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise CheckpointError(
-            f"{source} does not match the model: {', '.join(parts)}; {_SHAPE_FIX}, or use a "
-            "checkpoint of a model this task can start from")
-
-    common = sorted(state.keys() & target.keys())
-    wrong = [k for k in common if state[k].shape != target[k].shape]
-    if wrong:
-        shown = "; ".join(f"{k}: checkpoint {_shape(state[k])} vs model {_shape(target[k])}"
-                          for k in wrong[:_MAX_SHOWN])
-        more = f"; and {len(wrong) - _MAX_SHOWN} more" if len(wrong) > _MAX_SHOWN else ""
-        raise CheckpointError(f"{source}: {len(wrong)} tensors differ in shape from the model ({shown}{more}); "
-                              f"{_SHAPE_FIX}")
-    for group in {tuple(g) for g in tied.values()}:
-        present = [k for k in group if k in state]
-        if any(not _same_values(state[present[0]], state[k]) for k in present[1:]):
-            raise CheckpointError(f"{source}: {', '.join(present)} are tied in the model but "
-                                  "hold different values in the checkpoint")
-
-    final = dict(target)
-    final.update({k: state[k] for k in common})
-    for key in report.missing:
-        loaded_twin = [k for k in tied.get(key, ()) if k in state]
-        if loaded_twin:
-            final[key] = state[loaded_twin[0]]
-    report.loaded = common
-    report.missing.sort()
-    report.unexpected.sort()
-    return final, report
 
 
 def unwrap_model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
@@ -861,10 +615,18 @@ def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     files (`{'model': state_dict}`), plain state dicts and `.safetensors`, folders written by
     `albef export` and `hf-hub:org/name[@revision]` names (albef.hub). Nothing in the file is
     executed."""
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:
+    """(`read_model_state`'s weights, the config stored with them or None), the file read once:
+    a `.pt` file's 'config' entry (when a dict), a `.safetensors` file's 'config' metadata (its
+    text), an exported folder's config; a `.dcp` directory stores none."""
     from albef import hub
 
     if hub.is_hub_name(path) or hub.is_export_dir(path):
-        return hub.read_export(path)[1]
+        _, state, stored = hub.read_export(path)
+        return state, stored
     path = Path(path)
     if path.is_dir():
         if not is_dcp_checkpoint(path):
@@ -873,9 +635,18 @@ def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{path}: a directory without step_*.pt / step_*.dcp checkpoints; "
                                       "pass a checkpoint file or a run directory")
             path = found
-    state = _read_dcp_model_state(path) if is_dcp_checkpoint(path) else \
-        unwrap_model_state(load_checkpoint_file(path), path)
-    return map_albef_keys(state)
+    config = None
+    if is_dcp_checkpoint(path):
+        state = _read_dcp_model_state(path)
+    else:
+        checkpoint = load_checkpoint_file(path)
+        state = unwrap_model_state(checkpoint, path)
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                config = (f.metadata() or {}).get("config")
+        elif isinstance(checkpoint.get("config"), dict):
+            config = checkpoint["config"]
+    return map_albef_keys(state), config
 
 
 def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -893,15 +664,6 @@ def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read the model shards ({type(err).__name__}: "
                               f"{_first_line(err)})") from err
     return unwrap_model_state(loaded, path)
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,
-                 unused: Iterable[str] = (), new: Iterable[str] = (), skip: Iterable[str] = ()
-                 ) -> LoadReport:
-    """Load `state` into `model` under the one policy of `match_state_dict`; returns the report."""
-    final, report = match_state_dict(state, model.state_dict(), skip, source=source, unused=unused, new=new)
-    model.load_state_dict(final, strict=True)
-    return report
 
 
 def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, skip: Iterable[str] = (), *,

@@ -643,7 +643,7 @@ def check_model_config(cfg: Config) -> None:
                             f"hidden_size {bert.hidden_size} is not divisible by num_attention_heads "
                             f"{bert.num_attention_heads}")
     try:
-        checked_tokenizer(cfg)  # its vocabulary against the config's vocab_size, before any model is built
+        checked_tokenizer(cfg.model)  # its vocabulary against the config's vocab_size, before any model is built
     except ConfigError:
         raise
     except (OSError, ValueError) as err:

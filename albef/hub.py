@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from albef.checkpoint import CheckpointError
+from albef.models.albef import QUEUE_KEYS  # training state, left out with the momentum copies
 
 __all__ = ["HUB_PREFIX", "EXPECTED_FILES", "is_hub_name", "is_export_dir", "resolve_hub_name", "check_export_dir",
            "check_safetensors_header", "read_export", "export", "push", "export_main", "push_main"]
@@ -50,7 +51,6 @@ TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special
 HUB_FILES = (".gitattributes",)  # what the Hub adds to every repository it creates
 EXPECTED_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *HUB_FILES, *(f"{TEXT_DIR}/{n}" for n in TEXT_FILES)})
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, f"{TEXT_DIR}/config.json", f"{TEXT_DIR}/tokenizer_config.json")
-QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")  # training state, with the momentum copies
 _TIED_META = "albef.tied"  # safetensors metadata: {alias key: key holding the tensor} (tied weights stored once)
 _MOMENTUM_META = "albef.momentum_from"  # {momentum module: online module} left out, rebuilt as copies on read
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -588,7 +588,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, config: str | o
             + (tmp / CONFIG_FILE).read_text())
         (tmp / TEXT_DIR).mkdir()
         BertConfig.from_pretrained(cfg.model.text.bert).to_json_file(tmp / TEXT_DIR / "config.json")
-        build_tokenizer(cfg).save_pretrained(str(tmp / TEXT_DIR))
+        build_tokenizer(cfg.model).save_pretrained(str(tmp / TEXT_DIR))
         for extra in {p.name for p in (tmp / TEXT_DIR).iterdir()} - set(TEXT_FILES):
             (tmp / TEXT_DIR / extra).unlink()  # e.g. a chat template: not part of a BERT tokenizer
         (tmp / CARD_FILE).write_text(model_card(

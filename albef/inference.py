@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from albef.checkpoint import (CheckpointError, confined, is_dcp_checkpoint, load_checkpoint_file, load_weights, map_albef_keys,
-                              read_model_state, run_weights, unwrap_model_state)
+from albef.checkpoint import CheckpointError, confined, is_dcp_checkpoint, load_weights, read_weights, run_weights
 from albef.config import Config, ConfigError, load_config, parse_yaml
 from albef.data.captions import pre_caption
 from albef.data.transforms import eval_transform
-from albef.models import ALBEF, build_model, build_tokenizer
+from albef.build import build_model
+from albef.models import ALBEF, build_tokenizer
 
 __all__ = ["ALBEFInference", "Preprocess", "load"]
 
@@ -132,20 +132,9 @@ def _read(weights: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """(model state, config) of a weight file, read once: the config saved inside it (our .pt
     checkpoints and best.pt, .safetensors metadata), else the config.yaml of the run the file
     belongs to (RUN/best.pt, RUN/checkpoints/step_*), else None."""
-    config = None
-    if is_dcp_checkpoint(weights):
-        state = read_model_state(weights)
-    elif weights.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        state = read_model_state(weights)
-        with safe_open(str(weights), "pt") as f:
-            stored = (f.metadata() or {}).get("config")
-        config = parse_yaml(stored, f"{weights} (stored config)") if stored else None
-    else:
-        checkpoint = load_checkpoint_file(weights)
-        state = map_albef_keys(unwrap_model_state(checkpoint, weights))
-        config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
+    state, config = read_weights(weights)
+    if isinstance(config, str):  # .safetensors metadata
+        config = parse_yaml(config, f"{weights} (stored config)") if config else None
     for run in (weights.parent, weights.parent.parent):
         if config is None and (run / "config.yaml").is_file():
             file = confined(run / "config.yaml", run)
@@ -198,7 +187,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu",
     model.to(device)
     preprocess = Preprocess(
         transform=eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std),
-        tokenizer=build_tokenizer(cfg),
+        tokenizer=build_tokenizer(cfg.model),
         max_words=cfg.data.max_words,
         max_tokens=cfg.eval.max_tokens,
     )

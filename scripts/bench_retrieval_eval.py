@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import PRESETS, write_bert_dir  # noqa: E402
 
 from albef.config import load_config  # noqa: E402
-from albef.models import build_model  # noqa: E402
+from albef.build import build_model  # noqa: E402
 from albef.tasks.retrieval import evaluate_retrieval  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -105,7 +105,7 @@ class Bench:
 
         from albef.engine.optim import build_optimizer
         from albef.engine.trainer import resolve_precision
-        from albef.models import build_model
+        from albef.build import build_model
 
         self.torch, self.cfg, self.device = torch, cfg, device
         if device.type == "cuda":  # as the trainer does

@@ -14,7 +14,7 @@ from transformers import BertConfig
 
 from albef.config import Config, load_config
 from albef.data.synthetic import generate_corpus
-from albef.models import build_model
+from albef.build import build_model
 from albef.models.albef import ALBEF, TokenIds
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"

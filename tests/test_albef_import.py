@@ -9,7 +9,7 @@ import torch
 from albef.checkpoint import (CheckpointError, load_checkpoint_file, load_pretrained,
                               map_albef_keys, match_state_dict, save_pretrained)
 from albef.config import Config
-from albef.models import build_model
+from albef.build import build_model
 
 torch.set_num_threads(2)
 

@@ -21,7 +21,8 @@ from albef.data.datasets import load_annotations
 from albef.data.sampler import ResumableDistributedSampler
 from albef.dist import DistInfo
 from albef.engine.trainer import Trainer
-from albef.models import ALBEF, build_model
+from albef.build import build_model
+from albef.models import ALBEF
 from albef.models import albef as albef_module
 from albef.tasks.pretrain import PretrainTask, unwrap
 from conftest import make_batch, make_model, pretrain_config, tiny_corpus, write_tiny_bert

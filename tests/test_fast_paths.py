@@ -18,7 +18,8 @@ from albef.data.synthetic import generate_corpus
 from albef.dist import DistInfo
 from albef.engine.trainer import Trainer
 from albef.models import albef as albef_module
-from albef.models import build_model, compile_blocks
+from albef.build import build_model
+from albef.models import compile_blocks
 from albef.models.albef import mask_tokens, sample_negatives, similarity
 from albef.tasks.pretrain import PretrainTask
 from conftest import TOKENS, assert_same, make_batch, make_model, tiny_config, write_tiny_bert

@@ -124,7 +124,7 @@ def test_init_from_reads_the_model_of_a_dcp_checkpoint(tmp_path):
     """An FSDP run's `.dcp` directory seeds a run directly (no conversion to one file)."""
     from albef.engine.fsdp import save_dcp_checkpoint
     from albef.engine.optim import build_optimizer
-    from albef.models import build_model
+    from albef.build import build_model
     from conftest import tiny_config
 
     cfg = tiny_config(tmp_path)

@@ -298,7 +298,7 @@ def test_evaluation_with_rigged_maps_picks_the_box_under_the_peak(gset, tmp_path
     monkeypatch.setattr(grounding, "gradcam", perfect)
     monkeypatch.setattr(grounding, "upsample_map", lambda cam, h, w: cam)
     model = GroundingTask().build_model(cfg)
-    result, records = evaluate_grounding(model, build_tokenizer(cfg), cfg, [str(gset / "val.json")], "cpu")
+    result, records = evaluate_grounding(model, build_tokenizer(cfg.model), cfg, [str(gset / "val.json")], "cpu")
     assert result["num_refs"] == len(refs) and result["val_d"] == 1.0
     dets = load_boxes(str(gset / "dets.json"))
     ints = lambda box: [int(v) for v in box]  # noqa: E731
@@ -482,7 +482,7 @@ import torch.nn.functional as F  # noqa: E402
 @pytest.mark.parametrize("block_num", [0, 1])
 def test_itc_gradcam_matches_hand_computation(tmp_path, block_num):
     from albef.gradcam import itc_gradcam
-    from albef.models import build_model
+    from albef.build import build_model
     from conftest import tiny_config
 
     cfg = tiny_config(tmp_path)

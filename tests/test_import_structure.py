@@ -3,7 +3,6 @@ import nothing from the data, engine or tasks layers."""
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "albef"
 
@@ -87,8 +86,6 @@ def test_no_task_imports_a_private_name_of_another_task():
                 assert not private, f"{path.name} imports {private} from {node.module}"
 
 
-@pytest.mark.xfail(strict=True, reason="later round (one model factory): models/albef.py imports albef.data.masking "
-                                       "(TokenIds, mask_tokens, special_tokens)")
 def test_models_import_nothing_from_data_engine_or_tasks():
     graph = _graph(module_level_only=False)
     upward = {(m, d) for m, deps in graph.items() if m.startswith("albef.models")

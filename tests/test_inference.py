@@ -10,7 +10,7 @@ from PIL import Image
 import albef
 from albef.checkpoint import CheckpointError, save_checkpoint, save_pretrained
 from albef.config import load_config, save_config
-from albef.models import build_model
+from albef.build import build_model
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import torch
 
 from albef.checkpoint import CheckpointError, resample_pos_embed
 from albef.config import load_config
-from albef.models import build_model
+from albef.build import build_model
 from albef.models.albef import ALBEF, mask_tokens, sample_negatives
 from albef.models.bert import TextEncoder
 from albef.models.vision import build_vision_encoder

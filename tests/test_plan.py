@@ -10,7 +10,7 @@ import torch
 
 from albef.engine.optim import build_optimizer
 from albef.flops import step_flops
-from albef.models import build_model
+from albef.build import build_model
 from albef.plan import (GIB, GPU, Margins, StepTracer, benchmark_rates, example_batch, fits, largest_batch, main,
                         per_gpu_memory, plan, sized_bert_dir, step_seconds, with_checkpointing)
 from albef.tasks.pretrain import PretrainTask

@@ -18,7 +18,8 @@ from albef.data.synthetic import generate_reasoning_sets
 from albef.data.transforms import eval_transform
 from albef.engine.trainer import update_momentum
 from albef.losses import classification_distill_loss
-from albef.models.classify import assign_images, build_classifier, build_text_assignment, double_fusion_layers
+from albef.models import build_classifier, build_text_assignment
+from albef.models.classify import assign_images, double_fusion_layers
 from albef.tasks import nlvr, nlvr_pretrain, ve
 from albef.tasks.nlvr import NLVRTask
 from albef.tasks.nlvr_pretrain import TextAssignmentTask
@@ -82,8 +83,8 @@ def _model(kind: str, bert_dir, image_size: int, distill: bool = True, seed: int
     torch.manual_seed(seed)
     cfg = _config(bert_dir, image_size, distill)
     if kind == "ta":
-        return build_text_assignment(cfg)
-    return build_classifier(cfg, 3, 1) if kind == "ve" else build_classifier(cfg, 2, 2)
+        return build_text_assignment(cfg.model)
+    return build_classifier(cfg.model, 3, 1) if kind == "ve" else build_classifier(cfg.model, 2, 2)
 
 
 def _shared_kv_pairs(model) -> list[tuple[str, str]]:

@@ -204,7 +204,7 @@ def tiny_config(corpus: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def model(corpus):
-    from albef.models import build_model
+    from albef.build import build_model
 
     torch.manual_seed(0)
     return build_model(tiny_config(corpus)).eval()
@@ -259,7 +259,7 @@ def albef_reference(model, cfg):
 
     data = RetrievalDataset(cfg.eval.test_files, cfg.eval.image_root,
                             eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std), cfg.data.max_words)
-    tokens = build_tokenizer(cfg)(data.texts, padding="max_length", truncation=True, max_length=cfg.eval.max_tokens,
+    tokens = build_tokenizer(cfg.model)(data.texts, padding="max_length", truncation=True, max_length=cfg.eval.max_tokens,
                                   return_tensors="pt")
     with torch.no_grad():
         text_embeds, text_feats = model.text_tokens(tokens.input_ids, tokens.attention_mask)

@@ -27,7 +27,7 @@ def config(corpus: dict):
 
 
 def scores_and_result(corpus: dict) -> tuple[dict, dict]:
-    from albef.models import build_model
+    from albef.build import build_model
     from albef.tasks.retrieval import evaluate_retrieval, retrieval_scores
 
     cfg = config(corpus)

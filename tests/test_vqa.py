@@ -543,13 +543,13 @@ def test_model_from_bert_weights_decoder_takes_the_first_layers_and_mlm_head(tmp
     from transformers import BertForMaskedLM
 
     from albef.config import Config
-    from albef.models.vqa import build_vqa_model
+    from albef.models import build_vqa_model
 
     bert = write_tiny_bert(tmp_path / "bert", hf_class=BertForMaskedLM)
     cfg = Config.from_dict({"model": {
         "vision": {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "pretrained": False},
         "text": {"bert": str(bert), "pretrained": True, "fusion_layer": 2}}})
-    model = build_vqa_model(cfg)
+    model = build_vqa_model(cfg.model)
     hf = BertForMaskedLM.from_pretrained(str(bert)).state_dict()
     decoder = model.text_decoder.state_dict()
     assert len(model.text_decoder.bert.encoder.layer) == 2 and model.text_encoder.cls is None

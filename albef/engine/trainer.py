@@ -40,6 +40,7 @@ from albef.engine.logging import MetricLogger
 from albef.engine.optim import build_optimizer
 from albef.engine.results import format_results, format_value, unit_of
 from albef.engine.schedule import alpha_at, lr_at
+from albef.models.albef import QUEUE_KEYS  # the ALBEF family's feature queues (training state)
 from albef.models.momentum import MomentumModel
 
 if TYPE_CHECKING:  # the contract (albef/tasks/base.py) sits above the engine
@@ -572,9 +573,6 @@ def train(cfg: Config, task: Task, dist: DistInfo, resume: str | None = None, in
 
 
 # ----------------------------------------------------------------------------- fine-tuning hooks
-
-
-QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
 
 
 def init_weights(task: Task, model: nn.Module, path: str | Path, cfg: Config) -> LoadReport:

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from albef import dist
 from albef.losses import ITC_KINDS, itc_loss, itc_stats, itc_targets, itm_loss, mlm_loss
-from albef.data.masking import TokenIds, mask_tokens, special_tokens
+from albef.masking import TokenIds, mask_tokens, special_tokens
 from albef.models.bert import TextEncoder
 from albef.models.ops import TiedGradient
 from albef.models.momentum import MomentumModel, enqueue_, momentum_copy
+from albef.weights import WeightAdapter
 
 LOSS_TERMS = ("itc", "itm", "mlm")
 ITM_NEGATIVES = ("local", "global")
@@ -424,3 +425,27 @@ def _pad_to_world_length(text_embeds: Tensor, attention_mask: Tensor) -> tuple[T
     """Right-pad text states and mask to the longest text length of all ranks (for gathering)."""
     pad = dist.max_across_ranks(text_embeds.shape[1], text_embeds.device) - text_embeds.shape[1]
     return F.pad(text_embeds, (0, 0, 0, pad)), F.pad(attention_mask, (0, pad))
+
+
+# ----------------------------------------------------------------------------- weight adapters
+
+QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")  # training state, not weights
+MLM_HEADS = ("text_encoder.cls", "text_encoder_m.cls")  # what a retrieval model has no use for
+
+
+class RetrievalAdapter(WeightAdapter):
+    """ALBEF's rule (Retrieval.py): every key of a pretraining or retrieval checkpoint, the
+    position embeddings of both ViTs resampled, the MLM heads dropped. The feature queues are
+    taken as they are; the image ids of a pretraining queue belong to another data set, so they
+    are dropped and the queue's ids start unknown (never positives)."""
+
+    def adapt(self, model: nn.Module, state: dict[str, Tensor], source: str
+              ) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
+        pretraining = any(k.startswith(MLM_HEADS) for k in state)
+        return state, list(self.unused) + (["idx_queue"] if pretraining else []), list(self.new), []
+
+
+# Pretraining (and any task on the ALBEF model without rules of its own): the keys must match
+# exactly (pos_embed resampled); feature queues the file lacks are kept as initialised.
+ALBEF_ADAPTER = WeightAdapter("albef", new=QUEUE_KEYS)
+RETRIEVAL_ADAPTER = RetrievalAdapter("albef-retrieval", unused=MLM_HEADS, new=QUEUE_KEYS)

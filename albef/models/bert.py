@@ -32,9 +32,10 @@ from transformers import BertConfig
 from transformers.activations import ACT2FN
 from transformers.utils import cached_file
 
-from albef.checkpoint import LoadReport, load_checkpoint_file, load_weights
+from albef.checkpoint import load_checkpoint_file
 from albef.config import ConfigError, read_json
 from albef.models.ops import Dropout, TiedGradient, take_rows
+from albef.weights import LoadReport, WeightAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -441,17 +442,31 @@ class TextEncoder(nn.Module):
         ALBEF adds from `fusion_layer` on; the only file keys left unused are the pooler, the
         next-sentence head and (for an encoder built without MLM head) the MLM head.
         """
-        renamed = {}
-        for key, value in state_dict.items():
-            key = _LEGACY_LAYERNORM.sub(lambda m: f"LayerNorm.{'weight' if m[1] == 'gamma' else 'bias'}", key)
-            renamed[key if key.startswith(("bert.", "cls.")) else f"bert.{key}"] = value
-        fusion = self.config.fusion_layer
-        new = [f"bert.encoder.layer.{i}.crossattention" for i in range(fusion, self.config.num_hidden_layers)]
-        unused = ["bert.pooler", "cls.seq_relationship"] + ([] if self.cls is not None else ["cls"])
-        return load_weights(self, renamed, source, unused=unused, new=new)
+        return BERT_ADAPTER.load(self, state_dict, source)
 
 
 _LEGACY_LAYERNORM = re.compile(r"LayerNorm\.(gamma|beta)$")
+
+
+class BertAdapter(WeightAdapter):
+    """HF BertModel / BertForMaskedLM weights into a `TextEncoder`: keys with or without the
+    `bert.` prefix, legacy LayerNorm names `gamma` / `beta`; new: the cross-attention layers ALBEF
+    adds from `fusion_layer` on; unused: the pooler, the next-sentence head and (for an encoder
+    built without MLM head) the MLM head."""
+
+    def adapt(self, model: TextEncoder, state: dict[str, Tensor], source: str
+              ) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
+        renamed = {}
+        for key, value in state.items():
+            key = _LEGACY_LAYERNORM.sub(lambda m: f"LayerNorm.{'weight' if m[1] == 'gamma' else 'bias'}", key)
+            renamed[key if key.startswith(("bert.", "cls.")) else f"bert.{key}"] = value
+        fusion = model.config.fusion_layer
+        new = [f"bert.encoder.layer.{i}.crossattention" for i in range(fusion, model.config.num_hidden_layers)]
+        unused = list(self.unused) + ([] if model.cls is not None else ["cls"])
+        return renamed, unused, new, []
+
+
+BERT_ADAPTER = BertAdapter("bert", unused=("bert.pooler", "cls.seq_relationship"))
 
 
 # The largest value we build a BERT with, per config field (bert-large: 30522 / 1024 / 24 / 16 /

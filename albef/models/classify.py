@@ -24,9 +24,8 @@ from torch import Tensor, nn
 from transformers import BertConfig
 
 from albef.losses import classification_distill_loss
-from albef.models.bert import TextEncoder, bert_config, read_bert_weights
 from albef.models.momentum import MomentumModel, momentum_copy
-from albef.models.vision import build_vision_encoder
+from albef.weights import CheckpointError, WeightAdapter
 
 TA_TEMP = 0.07  # ALBEF's TA forward divides by this literal, not by its `temp` parameter
 TA_LABELS = ("image 0", "image 1", "neither")
@@ -189,47 +188,6 @@ class TextAssignment(nn.Module):
         return {"loss": loss, "loss_ta": loss.detach(), "acc": acc, "logits": logits.detach(), "labels": labels}
 
 
-# ----------------------------------------------------------------------------- construction
-
-
-def build_text_encoder(cfg, encoder_width: int, num_images: int = 1) -> TextEncoder:
-    """The BERT text/fusion encoder of `cfg.model.text` without MLM head; for two images, with
-    every fusion layer doubled (`two_image_bert_config`). Pretrained BERT weights (when
-    `model.text.pretrained`) go through `double_fusion_layers` for two images."""
-    tcfg = cfg.model.text
-    config = bert_config(tcfg.bert, tcfg.fusion_layer, encoder_width, tcfg.config_overrides)
-    if num_images == 2:
-        config = two_image_bert_config(config)
-    encoder = TextEncoder(config, tcfg.attention, mlm_head=False)
-    if tcfg.pretrained:
-        weights = read_bert_weights(tcfg.bert)
-        if num_images == 2:
-            weights = double_fusion_layers(weights, tcfg.fusion_layer)
-        encoder.load_bert_state_dict(weights, source=str(tcfg.bert)).print()
-    encoder.set_grad_checkpointing(tcfg.grad_checkpointing)
-    return encoder
-
-
-def build_classifier(cfg, num_classes: int, num_images: int = 1) -> Classifier:
-    """VE (3 classes, one image) or NLVR2 (2 classes, two images) model of `cfg.model`."""
-    from albef.models import checked_tokenizer
-
-    checked_tokenizer(cfg)
-    visual_encoder = build_vision_encoder(cfg.model.vision)
-    text_encoder = build_text_encoder(cfg, visual_encoder.embed_dim, num_images)
-    return Classifier(visual_encoder, text_encoder, num_classes, num_images, cfg.model.distill, cfg.model.momentum)
-
-
-def build_text_assignment(cfg) -> TextAssignment:
-    """NLVR2's TA pretraining model of `cfg.model` (embed_dim, temp; no momentum copies)."""
-    from albef.models import checked_tokenizer
-
-    checked_tokenizer(cfg)
-    visual_encoder = build_vision_encoder(cfg.model.vision)
-    text_encoder = build_text_encoder(cfg, visual_encoder.embed_dim, num_images=2)
-    return TextAssignment(visual_encoder, text_encoder, cfg.model.embed_dim, cfg.model.temp)
-
-
 # ----------------------------------------------------------------------------- initialisation rules
 
 
@@ -278,3 +236,73 @@ def with_momentum_copies(state: dict[str, Tensor], replace: bool = True) -> dict
             if key.startswith(prefix):
                 out[prefix[:-1] + "_m." + key[len(prefix):]] = value
     return out
+
+
+def two_image_layout(state: dict[str, Tensor], fusion_layer: int, model_layers: int, source: str,
+                     model_name: str) -> tuple[dict[str, Tensor], list[str]]:
+    """A state dict with one fusion stack (pretraining: `double_fusion_layers`, and the report
+    note saying so) or already two (TA / NLVR2: as it is), for a two-image model of
+    `model_layers` BERT layers; CheckpointError naming `source` for any other depth."""
+    found, single = num_layers(state), fusion_layer + (model_layers - fusion_layer) // 2
+    if found == single:
+        return double_fusion_layers(state, fusion_layer), [doubling_note(fusion_layer, single)]
+    if found != model_layers:
+        raise CheckpointError(
+            f"{source}: its text encoder has {found} layers; {model_name} needs {single} (a pretraining checkpoint) "
+            f"or {model_layers} (a TA / NLVR2 checkpoint) with model.text.fusion_layer={fusion_layer}")
+    return state, []
+
+
+# ----------------------------------------------------------------------------- weight adapters
+
+# Keys of a pretraining (or retrieval) checkpoint that a classifier does not use.
+PRETRAIN_ONLY = (
+    "text_encoder.cls", "text_encoder_m.cls", "vision_proj", "vision_proj_m", "text_proj", "text_proj_m",
+    "itm_head", "temp", "image_queue", "text_queue", "idx_queue", "queue_ptr",
+)
+MOMENTUM = ("visual_encoder_m", "text_encoder_m", "cls_head_m")  # a classifier's momentum copies
+TA_ONLY = ("ta_head",)  # TA-only keys (ALBEF NLVR.py leaves them unexpected)
+# Everything of a pretraining checkpoint TA does not use (ALBEF: unexpected keys).
+TA_UNUSED = tuple(k for k in PRETRAIN_ONLY if k not in ("vision_proj", "text_proj", "temp")) + (
+    "visual_encoder_m", "text_encoder_m", "cls_head", "cls_head_m")
+
+
+class ClassifierAdapter(WeightAdapter):
+    """ALBEF VE.py / NLVR.py: a pretraining / retrieval (NLVR2: also TA) checkpoint gives the
+    ViT and the text encoder, momentum copies included; `cls_head(_m)` start fresh (and equal).
+    A checkpoint of the task loads as it is. Without distillation the file's momentum copies
+    are unused; with it, a file without them gives them the student's weights.
+
+    Two images (NLVR2): one fusion stack is doubled (`two_image_layout`), and the momentum
+    encoders are then copies of the mapped student (`with_momentum_copies`)."""
+
+    def adapt(self, model: Classifier, state: dict[str, Tensor], source: str
+              ) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
+        notes: list[str] = []
+        if model.num_images == 2:
+            config = model.text_encoder.config
+            state, notes = two_image_layout(state, config.fusion_layer, config.num_hidden_layers, source, "NLVR2")
+            if model.distill and (notes or not any(k.startswith("text_encoder_m.") for k in state)):
+                state = with_momentum_copies(state)
+                notes.append(MOMENTUM_NOTE)
+        elif model.distill and not any(k.startswith("visual_encoder_m.") for k in state):
+            state = with_momentum_copies(state, replace=False)
+        unused = list(self.unused) + ([] if model.distill else list(MOMENTUM))
+        return state, unused, list(self.new), notes
+
+
+class TextAssignmentAdapter(WeightAdapter):
+    """ALBEF Pretrain_nlvr.py: a pretraining checkpoint with its fusion layers doubled
+    (`two_image_layout`), or a TA checkpoint as it is; `ta_head` starts fresh."""
+
+    def adapt(self, model: TextAssignment, state: dict[str, Tensor], source: str
+              ) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
+        config = model.text_encoder.config
+        state, notes = two_image_layout(state, config.fusion_layer, config.num_hidden_layers, source,
+                                        "text assignment")
+        return state, list(self.unused), list(self.new), notes
+
+
+VE_ADAPTER = ClassifierAdapter("ve", unused=PRETRAIN_ONLY, new=("cls_head", "cls_head_m"))
+NLVR_ADAPTER = ClassifierAdapter("nlvr", unused=PRETRAIN_ONLY + TA_ONLY, new=("cls_head", "cls_head_m"))
+TA_ADAPTER = TextAssignmentAdapter("nlvr-pretrain", unused=TA_UNUSED, new=("ta_head",))

@@ -9,7 +9,8 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from albef.checkpoint import CheckpointError, LoadReport, unwrap_model_state, load_checkpoint_file, load_weights
+from albef.checkpoint import load_checkpoint_file, unwrap_model_state
+from albef.weights import CheckpointError, LoadReport, WeightAdapter
 
 _ARCH_OVERRIDES = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
 
@@ -74,10 +75,21 @@ def load_vision_checkpoint(model: VisionTransformer, path: str | Path) -> LoadRe
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.vision.checkpoint: {str(path)!r} does not exist; fix the path or set it to null")
-    state, others = vision_state_dict(unwrap_model_state(load_checkpoint_file(path), path))
-    report = load_weights(model, state, str(path), unused=_UNUSED)
-    if others:
-        report.notes.append(f"took the {len(state)} visual_encoder.* tensors of an ALBEF checkpoint; "
-                            f"{len(others)} other tensors ignored")
+    report = VIT_ADAPTER.load(model, unwrap_model_state(load_checkpoint_file(path), path), str(path))
     report.print()
     return report
+
+
+class ViTAdapter(WeightAdapter):
+    """A DeiT / timm / ALBEF state dict into a plain ViT token encoder (`vision_state_dict`);
+    unused: the classifier parts; `pos_embed` is resampled to the model's patch grid."""
+
+    def adapt(self, model: VisionTransformer, state: dict[str, Tensor], source: str
+              ) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
+        state, others = vision_state_dict(state)
+        notes = [f"took the {len(state)} visual_encoder.* tensors of an ALBEF checkpoint; "
+                 f"{len(others)} other tensors ignored"] if others else []
+        return state, list(self.unused), list(self.new), notes
+
+
+VIT_ADAPTER = ViTAdapter("vit", unused=_UNUSED)

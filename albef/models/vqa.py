@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from albef.losses import answer_sequence_loss
 from albef.models.bert import TextEncoder, _key_mask
 from albef.models.momentum import MomentumModel, momentum_copy
+from albef.weights import WeightAdapter
 
 # Keys of an ALBEF pretraining checkpoint the VQA model has no place for.
 UNUSED_FROM_PRETRAIN = (
@@ -217,28 +218,20 @@ def is_vqa_state(state: dict[str, Tensor]) -> bool:
     return any(k.startswith("text_decoder.") for k in state)
 
 
-def build_vqa_model(cfg: Any) -> VQAModel:
-    """The VQA model of `cfg.model` (sizes, BERT, `distill`, `momentum`): timm ViT, question
-    encoder without MLM head, answer decoder of `decoder_config`; both BERTs load `model.text.bert`
-    weights when `model.text.pretrained` (ALBEF: bert-base-uncased, decoder = its first layers)."""
-    from albef.models import checked_tokenizer
-    from albef.models.vision import build_vision_encoder
+class VQAAdapter(WeightAdapter):
+    """ALBEF VQA.py: a VQA checkpoint loads as it is; a pretraining one through ALBEF's decoder
+    rule (`init_from_pretrain_state`), its ITC/ITM parts and queues unused, and without
+    distillation its momentum copies too."""
 
-    mcfg, tcfg = cfg.model, cfg.model.text
-    tokenizer = checked_tokenizer(cfg)
-    visual_encoder = build_vision_encoder(mcfg.vision)
-    text_encoder = TextEncoder.from_pretrained(
-        tcfg.bert, fusion_layer=tcfg.fusion_layer, encoder_width=visual_encoder.embed_dim,
-        config_overrides=tcfg.config_overrides, load_weights=tcfg.pretrained, attention=tcfg.attention,
-        mlm_head=False,  # ALBEF's VQA question encoder is a BertModel: no MLM head
-    )
-    dec_config = decoder_config(text_encoder.config)
-    overrides = {**tcfg.config_overrides, "num_hidden_layers": dec_config.num_hidden_layers}
-    text_decoder = AnswerDecoder.from_pretrained(
-        tcfg.bert, fusion_layer=0, encoder_width=dec_config.encoder_width,
-        config_overrides=overrides, load_weights=tcfg.pretrained, attention=tcfg.attention,
-    )
-    for module in (text_encoder, text_decoder):
-        module.set_grad_checkpointing(tcfg.grad_checkpointing)
-    return VQAModel(visual_encoder, text_encoder, text_decoder, tokenizer.pad_token_id,
-                    distill=mcfg.distill, momentum=mcfg.momentum)
+    def adapt(self, model: VQAModel, state: dict[str, Tensor], source: str
+              ) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
+        if is_vqa_state(state):
+            return state, [], [], []
+        mapped = init_from_pretrain_state(state, model.text_encoder.config.fusion_layer)
+        unused = list(self.unused)
+        if not model.distill:
+            unused += ["visual_encoder_m", "text_encoder_m", "text_decoder_m"]
+        return mapped, unused, list(self.new), []
+
+
+VQA_ADAPTER = VQAAdapter("vqa", unused=UNUSED_FROM_PRETRAIN)

@@ -17,12 +17,12 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from albef.checkpoint import LoadReport, load_weights
+from albef.models.albef import ALBEF_ADAPTER
 from albef.cli import run_task
 from albef.config import Config, describe_fields
 from albef.dist import DistInfo
-from albef.engine.trainer import QUEUE_KEYS
 from albef.registry import register_task, tasks
+from albef.weights import LoadReport, WeightAdapter
 
 __all__ = ["Task", "register_task"]
 
@@ -39,6 +39,8 @@ class Task:
     config_section: ClassVar[str | None] = None
     config_class: ClassVar[type | None] = None
     config_ranges: ClassVar[Mapping[str, str]] = {}  # {"k_test": "[1, inf)"}, as config.py's ranges
+    # how `--init-from` files map onto the model: the adapter of its model family (beside the model)
+    weight_adapter: ClassVar[WeightAdapter] = ALBEF_ADAPTER
 
     # ------------------------------------------------------------------ required
 
@@ -74,12 +76,11 @@ class Task:
         return False
 
     def init_weights(self, model: nn.Module, state: dict[str, Any], source: str) -> LoadReport:
-        """`--init-from`: map a weight file's state dict (from `read_model_state`) onto the model
-        with the original's rule and load it with `load_weights`, declaring unused / new keys.
-        Default: the keys must match exactly (pos_embed resampled; missing feature queues kept)."""
-        own = model.state_dict()
-        queues = [k for k in QUEUE_KEYS if k in own and k not in state]
-        return load_weights(model, state, source, new=queues)
+        """`--init-from`: load a weight file's state dict (from `read_model_state`) into the model
+        through the task's `weight_adapter` (the original's rule for its model family). Default
+        (`ALBEF_ADAPTER`): the keys must match exactly (pos_embed resampled; missing feature
+        queues kept)."""
+        return self.weight_adapter.load(model, state, source)
 
     def evaluate(self, model: nn.Module, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
         """Metrics on `split` ("val" or "test"), called on every rank with the unwrapped model.

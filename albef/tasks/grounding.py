@@ -266,7 +266,7 @@ class GroundingTask(RetrievalTask):
         """Grad-CAM grounding accuracy on eval.val_files / eval.test_files; the picked boxes go to
         OUTPUT_DIR/results/grounding_{split}.json."""
         model = unwrap(model)
-        fractions, records = evaluate_grounding(model, build_tokenizer(cfg), cfg, eval_files(cfg, split), dist.device)
+        fractions, records = evaluate_grounding(model, build_tokenizer(cfg.model), cfg, eval_files(cfg, split), dist.device)
         # in % as every task's results (albef/engine/results.py); num_refs stays a count
         result = {k: v if unit_of(k) == COUNT else 100.0 * v for k, v in fractions.items()}
         if dist.rank == 0:
@@ -329,7 +329,7 @@ def visualize(argv: Sequence[str] | None) -> int:
 
     device = init_distributed().device
     model.to(device)
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = build_tokenizer(cfg.model)
     out_dir = Path(cfg.output_dir) / "gradcam"
     writer = SummaryWriter(str(Path(cfg.output_dir) / "tb"))
     try:

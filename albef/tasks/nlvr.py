@@ -20,40 +20,10 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-import torch
 
-from albef.checkpoint import CheckpointError, LoadReport, load_weights
-from albef.models.classify import (MOMENTUM_NOTE, Classifier, double_fusion_layers, doubling_note, num_layers,
-                                   with_momentum_copies)
+from albef.models.classify import NLVR_ADAPTER
 from albef.tasks.base import register_task
-from albef.tasks.ve import MOMENTUM, PRETRAIN_ONLY, VETask
-
-# TA-only keys (ALBEF NLVR.py leaves them unexpected).
-TA_ONLY = ("ta_head",)
-
-
-def map_to_nlvr(state: dict[str, torch.Tensor], model_layers: int, fusion_layer: int, distill: bool,
-                source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """A pretraining, TA or NLVR2 state dict (our key names) mapped onto the NLVR2 layout, and
-    report notes naming the mapping.
-
-    One fusion stack (pretraining): `double_fusion_layers`. Momentum encoders: kept when the file
-    has NLVR2-layout ones, else copies of the (mapped) student when `distill`.
-    """
-    found = num_layers(state)
-    single = fusion_layer + (model_layers - fusion_layer) // 2
-    notes = []
-    if found == single:
-        state = double_fusion_layers(state, fusion_layer)
-        notes.append(doubling_note(fusion_layer, single))
-    elif found != model_layers:
-        raise CheckpointError(
-            f"{source}: its text encoder has {found} layers; NLVR2 needs {single} (a pretraining checkpoint) or "
-            f"{model_layers} (a TA / NLVR2 checkpoint) with model.text.fusion_layer={fusion_layer}")
-    if distill and (notes or not any(k.startswith("text_encoder_m.") for k in state)):
-        state = with_momentum_copies(state)
-        notes.append(MOMENTUM_NOTE)
-    return state, notes
+from albef.tasks.ve import VETask
 
 
 @register_task("nlvr", help="NLVR2 fine-tuning and evaluation")
@@ -66,14 +36,7 @@ class NLVRTask(VETask):
     num_images = 2
     label_names = {0: False, 1: True}
     description = "ALBEF NLVR2 fine-tuning and evaluation"
-
-    def init_weights(self, model: Classifier, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-        config = model.text_encoder.config
-        state, notes = map_to_nlvr(state, config.num_hidden_layers, config.fusion_layer, model.distill, source)
-        unused = list(PRETRAIN_ONLY) + list(TA_ONLY) + ([] if model.distill else list(MOMENTUM))
-        report = load_weights(model, state, source, unused=unused, new=["cls_head", "cls_head_m"])
-        report.notes += notes
-        return report
+    weight_adapter = NLVR_ADAPTER  # ALBEF NLVR.py's rule, fusion layers doubled from pretraining
 
 
 def main(argv: Sequence[str] | None = None) -> int:

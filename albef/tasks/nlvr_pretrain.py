@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from albef.checkpoint import CheckpointError, LoadReport, load_weights
 from albef.config import Config, ConfigError
 from albef.data.collate import Collator
 from albef.data.datasets import CaptionDataset, build_eval_loader, load_annotations, preflight_files
@@ -32,16 +31,12 @@ from albef.data.transforms import eval_transform
 from albef.dist import DistInfo
 from albef.engine.evaluation import eval_files, inference_autocast, progress, stoppable
 from albef.metrics import classification_accuracy
-from albef.models import build_tokenizer
-from albef.models.classify import (TextAssignment, build_text_assignment, double_fusion_layers, doubling_note,
-                                   num_layers)
+from albef.models import build_text_assignment, build_tokenizer
+from albef.models.classify import TA_ADAPTER, TextAssignment
 from albef.tasks.base import register_task
 from albef.tasks.pretrain import PretrainTask
-from albef.tasks.ve import FSDP_SHARED_KV, PRETRAIN_ONLY
+from albef.tasks.ve import FSDP_SHARED_KV
 
-# Everything of a pretraining checkpoint TA does not use (ALBEF: unexpected keys).
-TA_UNUSED = tuple(k for k in PRETRAIN_ONLY if k not in ("vision_proj", "text_proj", "temp")) + (
-    "visual_encoder_m", "text_encoder_m", "cls_head", "cls_head_m")
 
 
 @register_task("nlvr-pretrain", help="NLVR2 text-assignment pretraining")
@@ -51,6 +46,7 @@ class TextAssignmentTask(PretrainTask):
     name = "nlvr_pretrain"
     best_metric = None  # ALBEF keeps every epoch's checkpoint and uses the last
     description = "ALBEF NLVR2 text-assignment pretraining"
+    weight_adapter = TA_ADAPTER  # ALBEF Pretrain_nlvr.py's rule (albef/models/classify.py)
 
     def format_result(self, result: dict[str, float]) -> None:
         """Not the retrieval table: the generic rows (albef/engine/results.py)."""
@@ -67,7 +63,7 @@ class TextAssignmentTask(PretrainTask):
                             f"eval.{key}", cfg.data.max_bad_fraction)
 
     def build_model(self, cfg: Config) -> TextAssignment:
-        return build_text_assignment(cfg)
+        return build_text_assignment(cfg.model)
 
     def forward_step(self, model: nn.Module, batch: dict[str, Any], alpha: float) -> dict[str, Any]:
         if len(batch["images"]) < 3:  # unreadable images left too few to draw two others per caption:
@@ -83,21 +79,6 @@ class TextAssignmentTask(PretrainTask):
     def find_unused_parameters(self, cfg: Config) -> bool:
         return True  # text_proj and temp get no gradient (nor does vision_proj: it only picks images)
 
-    def init_weights(self, model: TextAssignment, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-        config = model.text_encoder.config
-        fusion, layers = config.fusion_layer, config.num_hidden_layers
-        found, single = num_layers(state), fusion + (layers - fusion) // 2
-        notes = []
-        if found == single:
-            state = double_fusion_layers(state, fusion)
-            notes.append(doubling_note(fusion, single))
-        elif found != layers:
-            raise CheckpointError(f"{source}: its text encoder has {found} layers; text assignment needs "
-                                  f"{single} (pretraining) or {layers} (TA)")
-        report = load_weights(model, state, source, unused=list(TA_UNUSED), new=["ta_head"])
-        report.notes += notes
-        return report
-
     @torch.no_grad()
     def evaluate(self, model: TextAssignment, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
         """TA accuracy (%) over the split's caption files, the image pairs drawn with a generator
@@ -106,7 +87,7 @@ class TextAssignmentTask(PretrainTask):
         files = eval_files(cfg, split)
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = CaptionDataset(files, cfg.eval.image_root, transform, cfg.data.max_words)
-        loader = build_eval_loader(dataset, Collator(build_tokenizer(cfg), cfg.data.max_tokens),
+        loader = build_eval_loader(dataset, Collator(build_tokenizer(cfg.model), cfg.data.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         generator = torch.Generator(dist.device).manual_seed(cfg.seed)
         predictions: list[int] = []

@@ -16,7 +16,8 @@ from albef.data.datasets import (CaptionDataset, build_train_loader, load_annota
 from albef.data.masking import MLM_KEYS, MLMMasking
 from albef.data.transforms import train_transform
 from albef.dist import DistInfo
-from albef.models import build_model, build_tokenizer
+from albef.build import build_model
+from albef.models import build_tokenizer
 from albef.tasks.base import Task, register_task
 from albef.tasks.retrieval_eval import evaluate_retrieval, format_table
 
@@ -78,7 +79,7 @@ class PretrainTask(Task):
     def _make_loader(self, cfg: Config, dist: DistInfo) -> DataLoader:
         d = cfg.data
         dataset = self.build_train_dataset(cfg)
-        tokenizer = build_tokenizer(cfg)
+        tokenizer = build_tokenizer(cfg.model)
         return build_train_loader(
             dataset, Collator(tokenizer, d.max_tokens, d.pad_to_max_tokens, self.masking), batch_size=cfg.train.batch_size,
             num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)

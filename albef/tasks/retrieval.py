@@ -15,22 +15,17 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, ConfigError
 from albef.data.retrieval import RetrievalDataError, RetrievalDataset  # noqa: F401  (re-exported)
 from albef.dist import DistInfo
-from albef.engine.trainer import QUEUE_KEYS
+from albef.models.albef import RETRIEVAL_ADAPTER
 from albef.tasks.base import register_task
 from albef.tasks.pretrain import PretrainTask, unwrap
 from albef.tasks.retrieval_eval import (RECALL_AT, RetrievalScores, candidate_pairs, chance_recall,  # noqa: F401
                                         encode_images, encode_texts, evaluate_retrieval, format_table,
                                         pair_itm_logits, retrieval_scores, score_pairs, topk_matrix)
-
-# Weights of a pretraining checkpoint the retrieval model has no use for: the MLM heads.
-UNUSED_FOR_RETRIEVAL = ("text_encoder.cls", "text_encoder_m.cls")
 
 
 @register_task("retrieval", help="image-text retrieval fine-tuning and evaluation (R@1/5/10)")
@@ -39,6 +34,7 @@ class RetrievalTask(PretrainTask):
     positives; evaluation on eval.val_files / eval.test_files; best.pt by mean recall."""
 
     best_metric = "r_mean"
+    weight_adapter = RETRIEVAL_ADAPTER  # ALBEF Retrieval.py's rule: the MLM heads (and a pretraining idx_queue) unused
     description = "ALBEF image-text retrieval: fine-tuning and evaluation"
     flags = {"--save-examples": ("eval.save_examples", "write picture grids of N text and N image queries "
                                  "(their top-5, correct ones marked) to OUTPUT_DIR/examples/ and TensorBoard")}
@@ -50,15 +46,6 @@ class RetrievalTask(PretrainTask):
             raise ConfigError("loss.weights.mlm: retrieval fine-tuning has no MLM term (ALBEF's retrieval model); "
                               "set loss.weights.mlm=0")
         super().check(cfg, training)  # caption files and evaluation images, as pretraining's
-
-    def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-        """ALBEF's rule (Retrieval.py): every key of a pretraining or retrieval checkpoint, the
-        position embeddings of both ViTs resampled, the MLM heads dropped. The feature queues
-        are taken as they are; the image ids of a pretraining queue belong to another data set,
-        so they are dropped and the queue's ids start unknown (never positives)."""
-        pretraining = any(k.startswith(UNUSED_FOR_RETRIEVAL) for k in state)
-        unused = list(UNUSED_FOR_RETRIEVAL) + (["idx_queue"] if pretraining else [])
-        return load_weights(model, state, source, unused=unused, new=QUEUE_KEYS)
 
     def evaluate(self, model: nn.Module, cfg: Config, dist: DistInfo, split: str) -> dict[str, float]:
         return evaluate_retrieval(unwrap(model), cfg, dist.device, split)

@@ -181,7 +181,7 @@ def retrieval_scores(model, cfg, device: torch.device | str, split: str = "test"
         num_workers=cfg.eval.num_workers,
         pin_memory=device.type == "cuda",
     )
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = build_tokenizer(cfg.model)
     precision = cfg.train.precision
     was_training = model.training
     model.eval()

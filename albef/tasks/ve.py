@@ -21,7 +21,6 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, ConfigError, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.reasoning import VE_LABELS, LabelCollator, ReasoningDataset, load_nlvr_annotations, load_ve_annotations
@@ -30,16 +29,10 @@ from albef.dist import DistInfo
 from albef.engine.evaluation import (eval_files, gather_lists, inference_autocast, progress, shard_subset,
                                     stoppable)
 from albef.metrics import classification_accuracy
-from albef.models import build_tokenizer
-from albef.models.classify import Classifier, build_classifier, with_momentum_copies
+from albef.models import build_classifier, build_tokenizer
+from albef.models.classify import VE_ADAPTER, Classifier
 from albef.tasks.base import Task, register_task
 
-# Keys of a pretraining (or retrieval) checkpoint that a classifier does not use.
-PRETRAIN_ONLY = (
-    "text_encoder.cls", "text_encoder_m.cls", "vision_proj", "vision_proj_m", "text_proj", "text_proj_m",
-    "itm_head", "temp", "image_queue", "text_queue", "idx_queue", "queue_ptr",
-)
-MOMENTUM = ("visual_encoder_m", "text_encoder_m", "cls_head_m")
 FSDP_SHARED_KV = ("train.strategy: 'fsdp' shards each BERT layer on its own, but NLVR2 / TA fusion layer pairs share "
                   "their cross-attention key/value weights; use train.strategy=ddp")
 
@@ -52,6 +45,7 @@ class VETask(Task):
     kind = "ve"  # ReasoningDataset kind
     num_classes = len(VE_LABELS)
     num_images = 1
+    weight_adapter = VE_ADAPTER  # ALBEF VE.py's rule (albef/models/classify.py)
     best_metric = "acc"
     description = "ALBEF SNLI-VE fine-tuning and evaluation"
     label_names = {v: k for k, v in VE_LABELS.items()}
@@ -79,7 +73,7 @@ class VETask(Task):
             raise ConfigError(f"data.format: {self.name} reads JSON annotation files (got {cfg.data.format!r})")
 
     def build_model(self, cfg: Config) -> Classifier:
-        return build_classifier(cfg, self.num_classes, self.num_images)
+        return build_classifier(cfg.model, self.num_classes, self.num_images)
 
     def build_train_loader(
         self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
@@ -89,7 +83,7 @@ class VETask(Task):
             transform = train_transform(cfg.model.vision.image_size, d.mean, d.std, d.crop_scale, d.randaugment, d.hflip)
             dataset = ReasoningDataset(self.kind, d.train_files, d.image_root, transform, d.max_words, cfg.seed)
             self.loader = build_train_loader(
-                dataset, LabelCollator(build_tokenizer(cfg), d.max_tokens), batch_size=cfg.train.batch_size,
+                dataset, LabelCollator(build_tokenizer(cfg.model), d.max_tokens), batch_size=cfg.train.batch_size,
                 num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
         set_epoch(self.loader, epoch, consumed)
         return self.loader, len(self.loader.dataset) // dist.world_size // cfg.train.batch_size
@@ -103,15 +97,6 @@ class VETask(Task):
     def find_unused_parameters(self, cfg: Config) -> bool:
         return False
 
-    def init_weights(self, model: Classifier, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-        """ALBEF VE.py: a pretraining / retrieval checkpoint gives the ViT and the text encoder,
-        momentum copies included; `cls_head(_m)` start fresh (and equal). A VE checkpoint loads
-        as it is. A file without momentum copies (distill off) gives them the student's weights."""
-        if model.distill and not any(k.startswith("visual_encoder_m.") for k in state):
-            state = with_momentum_copies(state, replace=False)
-        unused = list(PRETRAIN_ONLY) + ([] if model.distill else list(MOMENTUM))
-        return load_weights(model, state, source, unused=unused, new=["cls_head", "cls_head_m"])
-
     # ------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
@@ -121,7 +106,7 @@ class VETask(Task):
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = ReasoningDataset(self.kind, files, cfg.eval.image_root, transform, cfg.data.max_words)
         shard = shard_subset(dataset)
-        loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg), cfg.eval.max_tokens),
+        loader = build_eval_loader(shard, LabelCollator(build_tokenizer(cfg.model), cfg.eval.max_tokens),
                                    batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
         indices, predictions = [], []
         with inference_autocast(dist.device, cfg.train.precision), \

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from albef.checkpoint import LoadReport, load_weights
 from albef.config import Config, check_worker_decode
 from albef.data.datasets import AnnotationError, build_eval_loader, build_train_loader, preflight_files, set_epoch
 from albef.data.transforms import eval_transform, train_transform
@@ -35,8 +34,8 @@ from albef.data.vqa import VQACollator, VQAEvalDataset, VQATrainDataset, load_an
 from albef.dist import DistInfo
 from albef.engine.evaluation import eval_files, gather_lists, inference_autocast, progress, shard_subset, stoppable
 from albef.metrics import vqa_accuracy
-from albef.models import build_tokenizer
-from albef.models.vqa import UNUSED_FROM_PRETRAIN, VQAModel, build_vqa_model, init_from_pretrain_state, is_vqa_state
+from albef.models import build_tokenizer, build_vqa_model
+from albef.models.vqa import VQA_ADAPTER, VQAModel
 from albef.tasks.base import Task, register_task
 
 
@@ -62,6 +61,7 @@ def majority_answer(files: Sequence[str]) -> str | None:
 class VQATask(Task):
     name = "vqa"
     best_metric = "acc"
+    weight_adapter = VQA_ADAPTER  # ALBEF VQA.py's decoder rule (albef/models/vqa.py)
     description = "ALBEF VQA fine-tuning and evaluation"
     config_section, config_class = "vqa", VQAConfig
     config_ranges = {"k_test": "[1, inf)", "vg_weight": "[0, inf)", "eval_max_words": "[1, inf)"}
@@ -87,7 +87,7 @@ class VQATask(Task):
     # ----------------------------------------------------------------------------- training
 
     def build_model(self, cfg: Config) -> nn.Module:
-        return build_vqa_model(cfg)
+        return build_vqa_model(cfg.model)
 
     def build_train_loader(self, cfg: Config, dist: DistInfo, epoch: int, consumed: int
                            ) -> tuple[Iterable[dict[str, Any]], int]:
@@ -98,7 +98,7 @@ class VQATask(Task):
             dataset = VQATrainDataset(d.train_files, d.image_root, cfg.vqa.vg_root or d.image_root, transform,
                                       d.max_words, cfg.vqa.eos, cfg.vqa.vg_weight, cfg.seed)
             self.loader = build_train_loader(
-                dataset, VQACollator(build_tokenizer(cfg), d.max_tokens), batch_size=cfg.train.batch_size,
+                dataset, VQACollator(build_tokenizer(cfg.model), d.max_tokens), batch_size=cfg.train.batch_size,
                 num_workers=d.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
         set_epoch(self.loader, epoch, consumed)
         return self.loader, len(self.loader.dataset) // dist.world_size // cfg.train.batch_size
@@ -109,16 +109,6 @@ class VQATask(Task):
 
     def find_unused_parameters(self, cfg: Config) -> bool:
         return False
-
-    def init_weights(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-        """A VQA checkpoint loads as it is; a pretraining one through ALBEF's decoder rule."""
-        if is_vqa_state(state):
-            return load_weights(model, state, source)
-        mapped = init_from_pretrain_state(state, model.text_encoder.config.fusion_layer)
-        unused = list(UNUSED_FROM_PRETRAIN)
-        if not model.distill:
-            unused += ["visual_encoder_m", "text_encoder_m", "text_decoder_m"]
-        return load_weights(model, mapped, source, unused=unused)
 
     # ----------------------------------------------------------------------------- evaluation
 
@@ -153,7 +143,7 @@ def answer_questions(model: VQAModel, cfg: Config, files: Sequence[str], dist: D
     """`[{"question_id", "answer"}]` for every question of `files`, in file order (all ranks
     answer a contiguous share; every rank gets the whole list)."""
     device = next(model.parameters()).device
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = build_tokenizer(cfg.model)
     answer_list = load_answer_list(cfg.vqa.answer_list)
     answers = tokenizer([a + cfg.vqa.eos for a in answer_list], padding="longest", return_tensors="pt").to(device)
     dataset = VQAEvalDataset(files, cfg.eval.image_root, cfg.vqa.vg_root or cfg.eval.image_root,

@@ -42,7 +42,8 @@ from albef.dist import DistInfo
 from albef.engine.evaluation import (eval_files, gather_rows, inference_autocast, progress, shard_subset,
                                     stoppable)
 from albef.metrics import confusion_matrix, per_class_accuracy, topk_accuracy
-from albef.models import build_model, build_tokenizer
+from albef.build import build_model
+from albef.models import build_tokenizer
 from albef.tasks.base import Task, register_task
 from albef.tasks.pretrain import unwrap
 from albef.tasks.retrieval_eval import encode_images, encode_texts, pair_itm_logits
@@ -174,7 +175,7 @@ class ZeroShotTask(Task):
         transform = eval_transform(cfg.model.vision.image_size, cfg.data.mean, cfg.data.std)
         dataset = ClassificationDataset(eval_files(cfg, split), cfg.eval.image_root, transform, classes)
         classes, templates = dataset.classes, self.templates(cfg)
-        tokenizer = build_tokenizer(cfg)
+        tokenizer = build_tokenizer(cfg.model)
         mine = shard_subset(dataset)
         loader = DataLoader(mine, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
                             collate_fn=images_only)
