@@ -20,7 +20,7 @@ from albef.checkpoint import find_latest, load_checkpoint_file
 from albef.data.datasets import load_annotations
 from albef.data.sampler import ResumableDistributedSampler
 from albef.dist import DistInfo
-from albef.engine.trainer import Trainer
+from albef.engine.trainer import Trainer, update_momentum
 from albef.build import build_model
 from albef.models import ALBEF
 from albef.models import albef as albef_module
@@ -412,7 +412,8 @@ def test_accumulation_matches_the_double_batch_where_it_is_mathematically_equal(
     """grad_accum=2 at batch B against batch 2B (2 ranks, ITC only, lr 0 so the online weights stay):
 
     (a) EMA and enqueue happen once per optimizer step: both micro-batches see the pre-step queue
-        and momentum weights, and after the step the momentum weights (one EMA from the perturbed
+        and the momentum weights after the step's one EMA (ALBEF's timing: the EMA runs before the
+        step's first forward), and after the step the momentum weights (one EMA from the perturbed
         start) and the queues equal those of the 2B step.
     (b) The accumulated gradient equals the mean over ranks and micro-batches of each micro-batch's
         own ITC gradient against the pre-step state. It does NOT equal the 2B gradient: an ALBEF
@@ -430,8 +431,11 @@ def test_accumulation_matches_the_double_batch_where_it_is_mathematically_equal(
         assert len(accum["seen"]) == 2 and len(full["seen"]) == 1
         micro_indices = torch.cat([s["batch"]["index"] for s in accum["seen"]])
         assert torch.equal(micro_indices, full["seen"][0]["batch"]["index"])  # the same samples
+        ema_proj = torch.lerp(accum["before"]["vision_proj_m.weight"], accum["before"]["vision_proj.weight"],
+                              1 - momentum)
         for seen in accum["seen"]:
-            assert torch.equal(seen["vision_proj_m"], accum["before"]["vision_proj_m.weight"])
+            torch.testing.assert_close(seen["vision_proj_m"], ema_proj, rtol=0, atol=1e-6)
+            assert torch.equal(seen["vision_proj_m"], full["seen"][0]["vision_proj_m"])
             for key in QUEUE_KEYS:
                 assert torch.equal(seen["queue"][key], accum["before"][key])
 
@@ -450,6 +454,7 @@ def test_accumulation_matches_the_double_batch_where_it_is_mathematically_equal(
     references = {}
     for name in ("accum", "full"):
         model.load_state_dict(ranks[0][name]["before"])
+        update_momentum(model)  # the step's one EMA, before its first forward (as the engine)
         model.zero_grad(set_to_none=True)
         micro_batches = [seen for r in ranks for seen in r[name]["seen"]]
         for seen in micro_batches:
