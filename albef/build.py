@@ -5,9 +5,14 @@ read `cfg.model` only.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
-from albef.config import Config
+import timm
+
+from albef.config import Config, ConfigError, config_error
+from albef.models import checked_tokenizer
+from albef.models.bert import bert_config
 from albef.models.albef import ALBEF, LOSS_TERMS
 from albef.models.factory import build_albef, compile_blocks
 
@@ -33,3 +38,38 @@ def build_model(cfg: Config) -> ALBEF:
     if cfg.train.compile:
         compile_blocks(model)
     return model
+
+
+
+def check_model_config(cfg: Config) -> None:
+    """Model settings that need timm or the BERT config to check: a known timm architecture, a
+    readable BERT config, fusion_layer within its layers, a hidden size the heads divide."""
+    vision, text = cfg.model.vision, cfg.model.text
+    if not timm.is_model(vision.arch):
+        close = difflib.get_close_matches(vision.arch, timm.list_models(), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see timm.list_models('vit_*')"
+        raise config_error(cfg, "model.vision.arch", f"unknown timm model '{vision.arch}' ({hint})")
+    try:
+        bert = bert_config(text.bert, text.fusion_layer, 0, text.config_overrides)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        raise config_error(cfg, "model.text.bert", f"cannot read a BERT config from '{text.bert}' "
+                            f"({' '.join(str(err).split())[:200]})") from None
+    if text.fusion_layer > bert.num_hidden_layers:
+        raise config_error(cfg, "model.text.fusion_layer", f"must be <= the BERT's {bert.num_hidden_layers} "
+                            f"layers (got {text.fusion_layer}); lower it or raise "
+                            "model.text.config_overrides.num_hidden_layers")
+    if bert.hidden_size % bert.num_attention_heads:
+        key = "hidden_size" if "hidden_size" in text.config_overrides else "num_attention_heads"
+        raise config_error(cfg, f"model.text.config_overrides.{key}",
+                            f"hidden_size {bert.hidden_size} is not divisible by num_attention_heads "
+                            f"{bert.num_attention_heads}")
+    try:
+        checked_tokenizer(cfg.model)  # its vocabulary against the config's vocab_size, before any model is built
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        key = "model.text.tokenizer" if text.tokenizer else "model.text.bert"
+        raise config_error(cfg, key, f"cannot load a tokenizer from '{text.tokenizer or text.bert}' "
+                            f"({' '.join(str(err).split())[:200]})") from None

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 # weight adaptation (albef/weights.py), re-exported for callers that import it from here
+from albef.exported import is_export_dir, is_hub_name, read_export
 from albef.weights import (CheckpointError, LoadReport, _tied_groups, load_weights, map_albef_keys,
                            match_state_dict, resample_pos_embed)
 
@@ -622,10 +623,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]
     """(`read_model_state`'s weights, the config stored with them or None), the file read once:
     a `.pt` file's 'config' entry (when a dict), a `.safetensors` file's 'config' metadata (its
     text), an exported folder's config; a `.dcp` directory stores none."""
-    from albef import hub
-
-    if hub.is_hub_name(path) or hub.is_export_dir(path):
-        _, state, stored = hub.read_export(path)
+    if is_hub_name(path) or is_export_dir(path):
+        _, state, stored = read_export(path)
         return state, stored
     path = Path(path)
     if path.is_dir():

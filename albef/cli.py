@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from albef.checkpoint import CheckpointError, resolve_resume, run_weights
-from albef.config import Config, ConfigError, check_model_config, check_paths, load_config
+from albef.build import check_model_config
+from albef.config import Config, ConfigError, check_paths, load_config
 from albef.data.datasets import AnnotationError, BadDataError
 from albef.dist import destroy_distributed, init_distributed
 from albef.engine.trainer import InitError, Trainer, TrainingError, evaluate_only

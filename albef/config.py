@@ -19,8 +19,8 @@ import yaml
 
 from albef.registry import sections as task_sections
 
-__all__ = ["Config", "ConfigError", "load_config", "save_config", "check_paths", "check_data_files",
-           "check_model_config", "parse_yaml", "read_json"]
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "check_paths", "config_error",
+           "parse_yaml", "read_json"]
 
 
 class ConfigError(ValueError):
@@ -205,6 +205,11 @@ class _Origins:
         while path and path not in self.where:
             path = path.rpartition(".")[0]
         return ConfigError(f"{self.where.get(path, self.default)}: {key}: {message}")
+
+
+def config_error(cfg: Any, key: str, message: str) -> ConfigError:
+    """The one-line ConfigError for `key` of `cfg`, naming the file or override that set it."""
+    return getattr(cfg, "_origins", _Origins("<config>")).error(key, message)
 
 
 def _show(value: Any) -> str:
@@ -580,29 +585,6 @@ def _bert_fields() -> list[str]:
     return list(BertConfig().to_dict())
 
 
-def check_data_files(cfg: Config, training: bool = True) -> None:
-    """Read the caption annotation files (train, when `training`, and eval) and find the shard
-    files the config names, without loading any image, so that a malformed file is a
-    ConfigError before anything is built. For tasks whose data are image-caption pairs."""
-    from albef.data.datasets import AnnotationError, check_annotation_file, shard_urls
-
-    origins = getattr(cfg, "_origins", _Origins("<config>"))
-    files = [(f"data.train_files[{i}]", f) for i, f in enumerate(cfg.data.train_files)] \
-        if cfg.data.format == "json" and training else []
-    for split in ("val_files", "test_files"):
-        files += [(f"eval.{split}[{i}]", f) for i, f in enumerate(getattr(cfg.eval, split))]
-    for key, file in files:
-        try:
-            check_annotation_file(file)
-        except AnnotationError as err:
-            raise origins.error(key, str(err)) from None
-    if cfg.data.format == "wds" and training:
-        try:
-            shard_urls(cfg.data.shards)
-        except FileNotFoundError as err:
-            raise origins.error("data.shards", str(err)) from None
-
-
 def check_worker_decode(cfg: Config, task: str) -> None:
     """For tasks whose datasets decode in the workers only: data.decode=device is a ConfigError."""
     if cfg.data.decode != "workers":
@@ -612,41 +594,3 @@ def check_worker_decode(cfg: Config, task: str) -> None:
                                            f"retrieval, grounding); set data.decode=workers")
 
 
-def check_model_config(cfg: Config) -> None:
-    """Model settings that need timm or the BERT config to check: a known timm architecture, a
-    readable BERT config, fusion_layer within its layers, a hidden size the heads divide."""
-    import timm
-
-    from albef.models import checked_tokenizer
-    from albef.models.bert import bert_config
-
-    origins = getattr(cfg, "_origins", _Origins("<config>"))
-    vision, text = cfg.model.vision, cfg.model.text
-    if not timm.is_model(vision.arch):
-        close = difflib.get_close_matches(vision.arch, timm.list_models(), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "see timm.list_models('vit_*')"
-        raise origins.error("model.vision.arch", f"unknown timm model '{vision.arch}' ({hint})")
-    try:
-        bert = bert_config(text.bert, text.fusion_layer, 0, text.config_overrides)
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as err:
-        raise origins.error("model.text.bert", f"cannot read a BERT config from '{text.bert}' "
-                            f"({' '.join(str(err).split())[:200]})") from None
-    if text.fusion_layer > bert.num_hidden_layers:
-        raise origins.error("model.text.fusion_layer", f"must be <= the BERT's {bert.num_hidden_layers} "
-                            f"layers (got {text.fusion_layer}); lower it or raise "
-                            "model.text.config_overrides.num_hidden_layers")
-    if bert.hidden_size % bert.num_attention_heads:
-        key = "hidden_size" if "hidden_size" in text.config_overrides else "num_attention_heads"
-        raise origins.error(f"model.text.config_overrides.{key}",
-                            f"hidden_size {bert.hidden_size} is not divisible by num_attention_heads "
-                            f"{bert.num_attention_heads}")
-    try:
-        checked_tokenizer(cfg.model)  # its vocabulary against the config's vocab_size, before any model is built
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as err:
-        key = "model.text.tokenizer" if text.tokenizer else "model.text.bert"
-        raise origins.error(key, f"cannot load a tokenizer from '{text.tokenizer or text.bert}' "
-                            f"({' '.join(str(err).split())[:200]})") from None

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from albef.checkpoint import CheckpointError, confined, is_dcp_checkpoint, load_weights, read_weights, run_weights
 from albef.config import Config, ConfigError, load_config, parse_yaml
+from albef.exported import is_export_dir, is_hub_name, read_export
 from albef.data.captions import pre_caption
 from albef.data.transforms import eval_transform
 from albef.build import build_model
@@ -128,7 +129,7 @@ def _weights_file(path: Path) -> Path:
     return found
 
 
-def _read(weights: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+def read_weights_and_config(weights: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """(model state, config) of a weight file, read once: the config saved inside it (our .pt
     checkpoints and best.pt, .safetensors metadata), else the config.yaml of the run the file
     belongs to (RUN/best.pt, RUN/checkpoints/step_*), else None."""
@@ -156,16 +157,14 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu",
     of the stored one (needed for files without one, such as released ALBEF .pth files).
     Nothing is downloaded except, for hub names, the BERT config and tokenizer.
     """
-    from albef import hub
-
-    if hub.is_hub_name(path) or hub.is_export_dir(path):  # `albef export` folder, hf-hub:org/name[@revision]
-        weights, state, stored = hub.read_export(path)
+    if is_hub_name(path) or is_export_dir(path):  # `albef export` folder, hf-hub:org/name[@revision]
+        weights, state, stored = read_export(path)
     else:
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"{path}: no such weight file or run directory")
         weights = path if path.is_file() or is_dcp_checkpoint(path) else _weights_file(path)
-        state, stored = _read(weights)
+        state, stored = read_weights_and_config(weights)
     if isinstance(config, Config):
         cfg = config
     elif config is not None:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from albef.config import ConfigError, check_data_files, check_model_config, load_config
+from albef.build import check_model_config
+from albef.config import ConfigError, load_config
+from albef.data.datasets import check_data_files
 from conftest import tiny_corpus, write_tiny_bert
 
 pytestmark = pytest.mark.slow

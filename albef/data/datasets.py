@@ -49,6 +49,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from albef.config import Config, config_error
 from albef.dist import gather_objects, is_distributed
 
 from .captions import pre_caption
@@ -709,3 +710,24 @@ def set_epoch(loader: DataLoader, epoch: int, consumed: int = 0) -> None:
     elif isinstance(dataset, ShardStream) and consumed:
         world_size = wds.utils.pytorch_worker_info()[1]
         dataset.set_start(consumed // (loader.batch_size * world_size), loader.batch_size)
+
+
+
+def check_data_files(cfg: Config, training: bool = True) -> None:
+    """Read the caption annotation files (train, when `training`, and eval) and find the shard
+    files the config names, without loading any image, so that a malformed file is a
+    ConfigError before anything is built. For tasks whose data are image-caption pairs."""
+    files = [(f"data.train_files[{i}]", f) for i, f in enumerate(cfg.data.train_files)] \
+        if cfg.data.format == "json" and training else []
+    for split in ("val_files", "test_files"):
+        files += [(f"eval.{split}[{i}]", f) for i, f in enumerate(getattr(cfg.eval, split))]
+    for key, file in files:
+        try:
+            check_annotation_file(file)
+        except AnnotationError as err:
+            raise config_error(cfg, key, str(err)) from None
+    if cfg.data.format == "wds" and training:
+        try:
+            shard_urls(cfg.data.shards)
+        except FileNotFoundError as err:
+            raise config_error(cfg, "data.shards", str(err)) from None

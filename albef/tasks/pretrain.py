@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from albef.config import Config, check_data_files
+from albef.config import Config
 from albef.data.collate import Collator
-from albef.data.datasets import (CaptionDataset, build_train_loader, load_annotations, preflight_files, set_epoch,
-                                  webdataset_pipeline)
+from albef.data.datasets import (CaptionDataset, build_train_loader, check_data_files, load_annotations, preflight_files,
+                                  set_epoch, webdataset_pipeline)
 from albef.data.masking import MLM_KEYS, MLMMasking
 from albef.data.transforms import train_transform
 from albef.dist import DistInfo
