@@ -21,6 +21,8 @@ import pytest
 from albef.data.synthetic import generate_grounding_set, generate_reasoning_sets, generate_vqa_set
 from conftest import TINY_YAML, run_torchrun, tiny_corpus
 
+pytestmark = pytest.mark.slow  # real training steps of every task, twice (bf16 and fp32), and 2 gloo ranks
+
 TOLERANCE = {1: 0.01, 2: 0.01}  # relative, per step (measured: at most 0.16%)
 
 

@@ -11,6 +11,8 @@ from albef import dist
 from albef.config import Config
 from albef.engine.evaluation import eval_files, gather_lists, gather_objects, gather_rows, shard, shard_subset
 
+pytestmark = pytest.mark.distributed  # 2 gloo ranks
+
 
 def test_single_process_shards_everything_and_gathers_itself():
     assert shard(5) == slice(0, 5) and shard(0) == slice(0, 0)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # each case runs the command line or albef.load in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "test_tiny.yaml"
 NUM_TEST = 4

@@ -23,6 +23,8 @@ from albef.command import main as albef_main
 
 from conftest import ORIGINAL, TINY_YAML, needs_original, tiny_corpus, write_original_bert
 
+pytestmark = pytest.mark.slow  # real tiny runs, exports and command-line starts
+
 torch.set_num_threads(2)
 QUEUES = {"image_queue", "text_queue", "idx_queue", "queue_ptr"}
 TINY_ALBEF = ORIGINAL / "tiny_albef_pretrain.pth"

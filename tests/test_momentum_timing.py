@@ -13,6 +13,8 @@ from albef.engine.trainer import Trainer, seed_everything
 from albef.tasks.pretrain import PretrainTask
 from conftest import pretrain_config, tiny_corpus
 
+pytestmark = pytest.mark.slow  # real training steps from a checkpoint
+
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 

@@ -17,6 +17,8 @@ from albef.engine.trainer import init_weights
 from albef.tasks.pretrain import PretrainTask
 from albef.tasks.retrieval import RetrievalTask
 
+pytestmark = pytest.mark.slow  # every task's --evaluate end to end
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "test_tiny.yaml"
 UNITS = {"%", "count", "s"}

@@ -16,6 +16,8 @@ from albef.plan import (GIB, GPU, Margins, StepTracer, benchmark_rates, example_
 from albef.tasks.pretrain import PretrainTask
 from conftest import TINY_YAML, tiny_config, write_tiny_bert
 
+pytestmark = pytest.mark.slow  # fake-tensor traces of whole training steps
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 

@@ -16,6 +16,8 @@ import torch
 from albef.data.synthetic import generate_corpus, generate_reasoning_sets
 from conftest import TINY_YAML, assert_same
 
+pytestmark = pytest.mark.slow  # signalled and resumed training runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_S = 3.0  # each evaluation image after the signal takes this long: an unheeded stop waits many of them
 
