@@ -44,7 +44,7 @@ from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 # weight adaptation (albef/weights.py), re-exported for callers that import it from here
-from albef.exported import is_export_dir, is_hub_name, read_export
+from albef.exported import first_line, is_export_dir, is_hub_name, read_export
 from albef.weights import (CheckpointError, LoadReport, _tied_groups, load_weights, map_albef_keys,
                            match_state_dict, resample_pos_embed)
 
@@ -82,7 +82,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
         raise CheckpointError(_refused(path)) from None
     except Exception as err:  # torch/zip/safetensors report damage with many exception types
         raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or "
-                              f"corrupt ({type(err).__name__}: {_first_line(err)})") from err
+                              f"corrupt ({type(err).__name__}: {first_line(err)})") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found a {type(obj).__name__}")
     return obj
@@ -92,11 +92,6 @@ def _refused(path: Path | str, what: str = "") -> str:
     return (f"{path}: refused to load{what}: it contains code or objects that are not plain tensors "
             "(numbers, strings, lists, dicts), which will not be executed; re-save the weights "
             "as a plain state dict or .safetensors from a trusted source")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -476,10 +471,10 @@ def _read_dcp_metadata(file: Path) -> Metadata:
         raise CheckpointError(f"{file}: missing; the .dcp checkpoint is incomplete, resume from an "
                               "older one") from None
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{_refused(file)} ({_first_line(err)})") from None
+        raise CheckpointError(f"{_refused(file)} ({first_line(err)})") from None
     except Exception as err:  # truncated or damaged pickles fail in many ways
         raise CheckpointError(f"{file}: cannot read DCP metadata, the file is truncated or corrupt "
-                              f"({type(err).__name__}: {_first_line(err)})") from None
+                              f"({type(err).__name__}: {first_line(err)})") from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
         raise CheckpointError(f"{file}: not DCP metadata (found a {type(metadata).__name__})")
     return metadata
@@ -528,7 +523,7 @@ def _check_dcp_bytes(shard: Path, offset: int, length: int, fqn: str) -> None:
         raise CheckpointError(_refused(shard, f" (entry '{fqn}')")) from None
     except Exception as err:
         raise CheckpointError(f"{shard}: entry '{fqn}' is truncated or corrupt "
-                              f"({type(err).__name__}: {_first_line(err)})") from None
+                              f"({type(err).__name__}: {first_line(err)})") from None
 
 
 class _SafeDCPReader(FileSystemReader):
@@ -576,7 +571,7 @@ def load_dcp_state(state: dict[str, Any], path: str | os.PathLike) -> None:
         failures = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
         first = next((f for f in failures if isinstance(f, Exception)), None)
         if first is None:
-            raise CheckpointError(f"{path}: cannot load ({_first_line(err)})") from err
+            raise CheckpointError(f"{path}: cannot load ({first_line(err)})") from err
         raise first from None
 
 
@@ -661,7 +656,7 @@ def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
             loaded = _load_state_dict_from_keys(keys={"model"}, storage_reader=_SafeDCPReader(path))
     except Exception as err:
         raise CheckpointError(f"{path}: cannot read the model shards ({type(err).__name__}: "
-                              f"{_first_line(err)})") from err
+                              f"{first_line(err)})") from err
     return unwrap_model_state(loaded, path)
 
 
